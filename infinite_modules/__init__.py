@@ -1,0 +1,1 @@
+"""Exact infinite-width NNGP and NTK kernels of unmodified Flax / Haiku models."""

@@ -1,0 +1,1 @@
+"""Finite-width tools on Flax / Haiku params: empirical kernels, linearization, training."""

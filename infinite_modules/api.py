@@ -1,0 +1,181 @@
+"""`kernel_fn`: exact infinite-width NNGP/NTK of an unmodified model."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infinite_modules import elementwise as ew
+from infinite_modules import expectations
+from infinite_modules import rules as _rules  # noqa: F401  (registers the rules)
+from infinite_modules.errors import InfiniteWidthError
+from infinite_modules.interpreter import Interpreter, run_jaxpr
+from infinite_modules.kernel import Kernel, select
+from infinite_modules.models import as_traceable
+from infinite_modules.moments import NeedFullLayout
+from infinite_modules.priors import Prior
+from infinite_modules.values import Concrete, Field, ParamRef
+
+_PARAMETERIZATIONS = ("ntk", "standard")
+
+
+class KernelFn:
+  """`kernel_fn(x1, x2=None, get=None)` for one model (see `kernel_fn`).
+
+  Attributes:
+    layout: "diagonal" if only same-position spatial covariances are tracked
+      (conv stacks read out by flatten + dense), "full" if all pairs of
+      positions are (pooling); chosen by a pass over the jaxpr.
+    parameterization: "ntk" or "standard".
+  """
+
+  def __init__(self, traceable, x_example, parameterization: str, points: int):
+    self._traceable = traceable
+    self._feature_shape = tuple(np.shape(x_example)[1:])
+    self.parameterization = parameterization
+    self._points = points
+    flat_priors = jax.tree_util.tree_leaves(traceable.priors,
+                                            is_leaf=lambda p: isinstance(p, Prior))
+    self._priors = flat_priors
+    self._paths = jax.tree_util.tree_leaves(traceable.paths)
+    self._treedef = jax.tree_util.tree_structure(traceable.params)
+    self._shapes = [np.shape(p) for p in jax.tree_util.tree_leaves(traceable.params)]
+    self._compute = jax.jit(self._kernel, static_argnames=("full",))
+    example = jax.ShapeDtypeStruct(np.shape(x_example), _float_dtype(np.asarray(x_example).dtype))
+    try:
+      jax.eval_shape(functools.partial(self._kernel, full=False), example, example)
+      self.full = False
+    except NeedFullLayout:
+      jax.eval_shape(functools.partial(self._kernel, full=True), example, example)
+      self.full = True
+
+  @property
+  def layout(self) -> str:
+    return "full" if self.full else "diagonal"
+
+  def __call__(self, x1, x2=None, get: str | tuple[str, ...] | None = None):
+    """Kernels between the batches `x1` (n1, ...) and `x2` (n2, ...) (`x2=None`: x1).
+
+    Args:
+      get: "nngp" or "ntk" (or "cov1", "cov2") for one array, a tuple of
+        names for a namedtuple, None for a `Kernel` with all of them.
+    """
+    x1 = self._check_input(x1, "x1")
+    x2 = x1 if x2 is None else self._check_input(x2, "x2")
+    if x1.dtype != x2.dtype:
+      raise ValueError(f"x1 and x2 have different dtypes {x1.dtype} and {x2.dtype}.")
+    select(Kernel(0, 0, 0, 0, (), ()), get)  # validates `get` before any work
+    kernel = self._compute(x1, x2, full=self.full)
+    return select(kernel, get)
+
+  def _check_input(self, x, name):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      x = x.astype(_float_dtype(x.dtype))
+    if x.ndim != len(self._feature_shape) + 1 or tuple(x.shape[1:]) != self._feature_shape:
+      raise ValueError(
+          f"{name} has shape {tuple(x.shape)}, but the model was traced with inputs of shape "
+          f"(batch, {', '.join(map(str, self._feature_shape))}) (from x_example).")
+    if x.shape[0] == 0:
+      raise ValueError(f"{name} is an empty batch.")
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+      raise ValueError(f"{name} contains NaN or infinite values.")
+    return x
+
+  @functools.lru_cache(maxsize=32)  # noqa: B019 (one cache per kernel_fn is intended)
+  def _trace(self, n: int, dtype) -> Any:
+    params = jax.tree_util.tree_unflatten(
+        self._treedef, [jax.ShapeDtypeStruct(s, dtype) for s in self._shapes])
+    x = jax.ShapeDtypeStruct((n, *self._feature_shape), dtype)
+    params_cast = lambda p, xx: self._traceable.apply(p, xx)
+    return jax.make_jaxpr(params_cast)(params, x)
+
+  def _kernel(self, x1, x2, *, full: bool) -> Kernel:
+    dtype = x1.dtype
+    n1, n2 = x1.shape[0], x2.shape[0]
+    j1, j2 = self._trace(n1, dtype), self._trace(n2, dtype)
+    jp = self._trace(n1 + n2 + 1, dtype)
+    invals = [ParamRef(i, path, prior, shape, tuple(range(len(shape))))
+              for i, (path, prior, shape) in enumerate(zip(self._paths, self._priors, self._shapes))]
+    invals.append(Concrete(x1, x2, 0))
+    interp = Interpreter(full=full, parameterization=self.parameterization, n1=n1, n2=n2,
+                         dtype=dtype, points=self._points)
+    outs = run_jaxpr(interp, j1.jaxpr, j2.jaxpr, jp.jaxpr, j1.consts, j2.consts, invals)
+    if len(outs) != 1:
+      raise InfiniteWidthError(f"The model returns {len(outs)} arrays; kernel_fn needs one output.")
+    (out,) = outs
+    if not isinstance(out, Field):
+      raise InfiniteWidthError(
+          "The model's output does not depend on any parameter through an infinitely wide "
+          "layer (it has no infinite-width kernel).")
+    if any(isinstance(a, int) for atoms in out.axes for a in atoms):
+      raise InfiniteWidthError(
+          f"The model's output keeps spatial axes (layout {out.axes}); pool or flatten them and "
+          "apply a Dense readout to get an (n1, n2) kernel.")
+    try:
+      root = ew.materialize(out.root, out.expr, full, self._points)
+    except ew.NotGaussianError:
+      raise InfiniteWidthError("The output applies a nonlinearity to a non-Gaussian field.") from None
+    nngp, ntk, var1, var2 = (a.astype(dtype) for a in (root.nngp, root.ntk, root.var1, root.var2))
+    if root.mean1 is not None:
+      nngp = nngp - root.mean1[:, None] * root.mean2[None, :]
+      var1, var2 = var1 - root.mean1 ** 2, var2 - root.mean2 ** 2
+    return Kernel(nngp=nngp, ntk=ntk, cov1=var1, cov2=var2, shape1=tuple(x1.shape),
+                  shape2=tuple(x2.shape))
+
+
+def _float_dtype(dtype):
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.dtype(dtype)
+  return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+def kernel_fn(model, x_example, *, parameterization: str = "ntk",
+              priors: Mapping[str, Any] | Any | None = None,
+              apply_kwargs: Mapping[str, Any] | None = None,
+              quadrature_points: int = expectations.QUADRATURE_POINTS) -> KernelFn:
+  """Exact infinite-width NNGP and NTK of an unmodified model.
+
+  Traces `model` on inputs shaped like `x_example` and interprets its jaxpr
+  with kernel transfer rules, giving the kernels of the network whose hidden
+  widths are taken to infinity with the priors its initializers define.
+
+  Args:
+    model: a `flax.linen.Module`, a `haiku.Transformed`/`TransformedWithState`,
+      a `flax.nnx.Module` (with `priors`), or `(apply_fn, params)` (with
+      `priors`).
+    x_example: an example batch; fixes the input feature shape.
+    parameterization: "ntk" (Neural Tangents' default: each parameter
+      trained as `mean + std * omega` in omega) or "standard" (the model
+      exactly as written, trained in its own parameters, at its traced
+      widths).
+    priors: overrides `{param path: Prior or initializer}` (or a pytree of
+      `Prior`s matching the params) for parameters whose initializer is not
+      known exactly.
+    apply_kwargs: extra keyword arguments for every model call (e.g.
+      `{"train": False}`).
+    quadrature_points: Gauss-Hermite points per dimension for elementwise
+      functions without a closed form.
+
+  Returns:
+    A `KernelFn`: `kernel_fn(x1, x2=None, get=None)`; `get` a string gives an
+    (n1, n2) array, a tuple a namedtuple, None a `Kernel`.
+
+  Raises:
+    InfiniteWidthError: the model has an operation without an exact rule
+      (the message names the primitive and module path).
+    PriorError: a parameter's initializer is not known exactly.
+  """
+  if parameterization not in _PARAMETERIZATIONS:
+    raise ValueError(f"parameterization must be one of {_PARAMETERIZATIONS}, "
+                     f"got {parameterization!r}.")
+  x_example = np.asarray(x_example) if not isinstance(x_example, jax.Array) else x_example
+  if np.ndim(x_example) < 1 or np.shape(x_example)[0] < 1:
+    raise ValueError("x_example must be a batch of at least one input, shape (n, ...).")
+  traceable = as_traceable(model, jnp.asarray(x_example), priors=priors, apply_kwargs=apply_kwargs)
+  return KernelFn(traceable, x_example, parameterization, quadrature_points)

@@ -1,0 +1,281 @@
+"""Fused elementwise functions of a field and the moments they produce.
+
+Consecutive elementwise primitives applied to one field are not evaluated one
+by one: they are recorded as an expression `phi(z)` of the field's root
+variable (with location-dependent constants, e.g. a LayerNorm's per-example
+mean and scale). When a non-elementwise op consumes the field, `materialize`
+turns `phi` into new moments:
+
+* affine phi(z) = alpha z + beta (alpha, beta per input and position): exact
+  moment map, Gaussianity kept;
+* phi recognized as `a core(s z) + b` with a known core: closed forms;
+* any other phi: Gauss-Hermite quadrature, phi' by forward-mode autodiff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from infinite_modules import expectations as ex
+from infinite_modules.moments import diag_of, pair_broadcast
+from infinite_modules.values import Root
+
+Z = ("z",)
+
+# Elementwise primitives that may appear in phi. Names, so that new jax
+# versions that rename a primitive fail loudly (unsupported) rather than wrongly.
+ELEMENTWISE = frozenset("""
+abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type copy copy_p
+cos cosh div erf erf_inv erfc exp exp2 expm1 floor integer_pow is_finite log log1p logistic
+max min mul neg nextafter pow reduce_precision round rsqrt select_n sign sin sinh sqrt square
+sub tan tanh eq ne ge gt le lt and or not xor
+""".split())
+
+_AFFINE_PASS = frozenset({"neg", "convert_element_type", "copy", "copy_p", "reduce_precision"})
+
+
+def node(prim, params, args):
+  return ("op", prim, tuple(sorted(params.items())), tuple(args))
+
+
+def depends_on_z(expr, memo=None) -> bool:
+  memo = {} if memo is None else memo
+  key = id(expr)
+  if key not in memo:
+    if expr[0] == "z":
+      memo[key] = True
+    elif expr[0] == "op":
+      memo[key] = any(depends_on_z(a, memo) for a in expr[3])
+    else:
+      memo[key] = False
+  return memo[key]
+
+
+def is_affine(expr) -> bool:
+  """Whether expr is alpha z + beta structurally (alpha, beta free of z)."""
+  memo: dict = {}
+
+  def visit(e) -> bool:
+    if not depends_on_z(e, memo):
+      return True
+    if e[0] == "z":
+      return True
+    prim, args = e[1], e[3]
+    name = prim.name
+    if name in ("add", "sub"):
+      return all(visit(a) for a in args)
+    if name in _AFFINE_PASS:
+      return visit(args[0])
+    if name == "mul":
+      dependent = [a for a in args if depends_on_z(a, memo)]
+      return len(dependent) == 1 and visit(dependent[0])
+    if name == "div":
+      return not depends_on_z(args[1], memo) and visit(args[0])
+    return False
+
+  return visit(expr)
+
+
+def ctx_nodes(expr) -> list:
+  """The location-constant nodes ("ctx", (side1, side2)) of expr, in a fixed order."""
+  seen, out = set(), []
+
+  def visit(e):
+    if id(e) in seen:
+      return
+    seen.add(id(e))
+    if e[0] == "ctx":
+      out.append(e)
+    elif e[0] == "op":
+      for a in e[3]:
+        visit(a)
+
+  visit(expr)
+  return out
+
+
+def evaluate(expr, z, ctx_values):
+  """Evaluates expr elementwise, broadcasting z and the constants.
+
+  `ctx_values` maps id(ctx node) -> the array to use for it (or is a
+  sequence aligned with `ctx_nodes(expr)`).
+  """
+  if not isinstance(ctx_values, dict):
+    ctx_values = {id(n): v for n, v in zip(ctx_nodes(expr), ctx_values)}
+  memo: dict = {}
+
+  def visit(e):
+    key = id(e)
+    if key in memo:
+      return memo[key]
+    kind = e[0]
+    if kind == "z":
+      out = z
+    elif kind == "lit":
+      out = e[1]
+    elif kind == "ctx":
+      out = ctx_values[id(e)]
+    else:
+      prim, params, args = e[1], dict(e[2]), e[3]
+      vals = [visit(a) for a in args]
+      shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in vals))
+      vals = [jnp.broadcast_to(v, shape) for v in vals]
+      out = prim.bind(*vals, **params)
+    memo[key] = out
+    return out
+
+  return visit(expr)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sides:
+  """Per-side location constants, reshaped for one moment array."""
+  a: tuple
+  b: tuple
+
+
+def _ctx_pair(ctx, d, full, pair, which=(0, 1)):
+  sides_a, sides_b = [], []
+  for c in ctx:
+    a, b = pair_broadcast(c[which[0]], c[which[1]], d, full, pair)
+    sides_a.append(a)
+    sides_b.append(b)
+  return _Sides(tuple(sides_a), tuple(sides_b))
+
+
+def _with_trailing(values):
+  return tuple(jnp.asarray(v)[..., None] for v in values)
+
+
+def materialize(root: Root, expr, full: bool, points: int) -> Root:
+  """Moments of phi(z) where phi = expr, z the root variable."""
+  if expr is None or expr is Z:
+    return root
+  ctx = [n[1] for n in ctx_nodes(expr)]
+  d = len(root.spatial)
+  dtype = root.nngp.dtype
+  n1, n2 = root.var1.shape[0], root.var2.shape[0]
+  loc1, loc2 = (n1, *root.spatial), (n2, *root.spatial)
+  ctx1 = tuple(jnp.broadcast_to(c[0], loc1) for c in ctx)
+  ctx2 = tuple(jnp.broadcast_to(c[1], loc2) for c in ctx)
+  m1 = jnp.zeros(loc1, dtype) if root.mean1 is None else root.mean1
+  m2 = jnp.zeros(loc2, dtype) if root.mean2 is None else root.mean2
+
+  if is_affine(expr):
+    beta1 = evaluate(expr, jnp.zeros(loc1, dtype), ctx1)
+    beta2 = evaluate(expr, jnp.zeros(loc2, dtype), ctx2)
+    alpha1 = evaluate(expr, jnp.ones(loc1, dtype), ctx1) - beta1
+    alpha2 = evaluate(expr, jnp.ones(loc2, dtype), ctx2) - beta2
+
+    def second(arr, sa, sb, ma, mb, pair):
+      (aa, ab), (ba, bb), (mma, mmb) = (pair_broadcast(sa[0], sb[0], d, full, pair),
+                                        pair_broadcast(sa[1], sb[1], d, full, pair),
+                                        pair_broadcast(ma, mb, d, full, pair))
+      return aa * ab * arr + aa * bb * mma + ba * ab * mmb + ba * bb
+
+    def grad(arr, sa, sb, pair):
+      aa, ab = pair_broadcast(sa, sb, d, full, pair)
+      return aa * ab * arr
+
+    s1, s2 = (alpha1, beta1), (alpha2, beta2)
+    has_mean = root.mean1 is not None or not _is_zero(beta1, beta2)
+    return dataclasses.replace(
+        root,
+        nngp=second(root.nngp, s1, s2, m1, m2, True),
+        ntk=grad(root.ntk, alpha1, alpha2, True),
+        var1=second(root.var1, s1, s1, m1, m1, False),
+        var2=second(root.var2, s2, s2, m2, m2, False),
+        mean1=alpha1 * m1 + beta1 if has_mean else None,
+        mean2=alpha2 * m2 + beta2 if has_mean else None,
+        gathered_from=None)
+
+  if not root.gaussian:
+    raise NotGaussianError()
+
+  v1 = diag_of(root.var1, d, full) - m1 * m1
+  v2 = diag_of(root.var2, d, full) - m2 * m2
+
+  form = None
+  if not ctx and root.mean1 is None and root.mean2 is None:
+    form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
+
+  def moments(arr, ctx_a, ctx_b, va, vb, ma, mb, pair):
+    """Returns E[phi(u) phi(v)] and E[phi'(u) phi'(v)] for one moment array."""
+    va_b, vb_b = pair_broadcast(va, vb, d, full, pair)
+    ma_b, mb_b = pair_broadcast(ma, mb, d, full, pair)
+    cov = arr - ma_b * mb_b
+    if form is not None:
+      kappa = ex.affine_kappa(form, cov, va_b, vb_b, 0, 0)
+      dkappa = ex.affine_dkappa(form, cov, va_b, vb_b)
+      if dkappa is None:
+        dphi = ex.derivative(lambda t: evaluate(expr, t, ()))
+        dkappa = ex.pair_expectation(dphi, dphi, cov, va_b, vb_b, ma_b, mb_b, points)
+      return kappa, dkappa
+    ca, cb = _with_trailing(ctx_a), _with_trailing(ctx_b)
+    fa = lambda t: evaluate(expr, t, ca)
+    fb = lambda t: evaluate(expr, t, cb)
+    kappa = ex.pair_expectation(fa, fb, cov, va_b, vb_b, ma_b, mb_b, points)
+    dkappa = ex.pair_expectation(ex.derivative(fa), ex.derivative(fb), cov, va_b, vb_b, ma_b,
+                                 mb_b, points)
+    return kappa, dkappa
+
+  pair_sides = _ctx_pair(ctx, d, full, True) if ctx else _Sides((), ())
+  nngp, dk = moments(root.nngp, pair_sides.a, pair_sides.b, v1, v2, m1, m2, True)
+  ctx11 = [(c[0], c[0]) for c in ctx]
+  ctx22 = [(c[1], c[1]) for c in ctx]
+  s11 = _ctx_pair(ctx11, d, full, False) if ctx else _Sides((), ())
+  s22 = _ctx_pair(ctx22, d, full, False) if ctx else _Sides((), ())
+  var1, _ = moments(root.var1, s11.a, s11.b, v1, v1, m1, m1, False)
+  var2, _ = moments(root.var2, s22.a, s22.b, v2, v2, m2, m2, False)
+
+  def mean(va, ma, cvals):
+    if form is not None:
+      return ex.affine_mean(form, va)
+    cvals = _with_trailing(cvals)
+    return ex.expectation(lambda t: evaluate(expr, t, cvals), va, ma, points)
+
+  return dataclasses.replace(
+      root, nngp=nngp, ntk=dk * root.ntk, var1=var1, var2=var2,
+      mean1=mean(v1, m1, ctx1), mean2=mean(v2, m2, ctx2), gaussian=False, gathered_from=None)
+
+
+def _is_zero(*arrays) -> bool:
+  """True only if all arrays are concretely known to be zero (not under tracing)."""
+  try:
+    return all(not bool(jnp.any(a != 0)) for a in arrays)
+  except jax.errors.ConcretizationTypeError:
+    return False
+
+
+class NotGaussianError(Exception):
+  """A nonlinearity was applied to a field that is not Gaussian."""
+
+
+def means(root: Root, expr, full: bool, points: int):
+  """E[phi(z)] at every input and position of each batch: ((n1, *S), (n2, *S))."""
+  d = len(root.spatial)
+  dtype = root.nngp.dtype
+  n1, n2 = root.var1.shape[0], root.var2.shape[0]
+  out = []
+  for n, var, mean, side in ((n1, root.var1, root.mean1, 0), (n2, root.var2, root.mean2, 1)):
+    loc = (n, *root.spatial)
+    m = jnp.zeros(loc, dtype) if mean is None else mean
+    if expr is None or expr is Z:
+      out.append(m)
+      continue
+    nodes = ctx_nodes(expr)
+    cvals = tuple(jnp.broadcast_to(c[1][side], loc) for c in nodes)
+    if is_affine(expr):
+      beta = evaluate(expr, jnp.zeros(loc, dtype), cvals)
+      alpha = evaluate(expr, jnp.ones(loc, dtype), cvals) - beta
+      out.append(alpha * m + beta)
+      continue
+    if not root.gaussian:
+      raise NotGaussianError()
+    v = diag_of(var, d, full) - m * m
+    trailing = _with_trailing(cvals)
+    out.append(ex.expectation(lambda t: evaluate(expr, t, trailing), v, m, points))
+  return tuple(out)

@@ -1,0 +1,31 @@
+"""Exceptions raised when a model has no exact infinite-width kernel."""
+
+from __future__ import annotations
+
+
+class InfiniteWidthError(ValueError):
+  """The model (or an input) has no exact infinite-width kernel as traced.
+
+  Raised instead of ever returning a kernel that might be wrong. The message
+  names the primitive, the Flax/Haiku module path it came from (from the
+  jaxpr's name stack) and a way out.
+  """
+
+
+class UnsupportedPrimitiveError(InfiniteWidthError):
+  """A primitive has no kernel transfer rule for the abstract values it sees."""
+
+
+class PriorError(InfiniteWidthError):
+  """A parameter's initializer has no known exact prior."""
+
+
+def unsupported(primitive: str, where: str, why: str, hint: str | None = None) -> UnsupportedPrimitiveError:
+  """Builds the standard error for a primitive the interpreter cannot handle."""
+  hint = hint or (
+      "Register a rule with `infinite_modules.register_rule`, a module "
+      "counterpart with `infinite_modules.register_module`, or use "
+      "`interop.monte_carlo_kernel_fn` for a Monte Carlo estimate.")
+  location = f" in module `{where}`" if where else ""
+  return UnsupportedPrimitiveError(
+      f"`{primitive}`{location}: {why} {hint}")

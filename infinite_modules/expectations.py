@@ -1,0 +1,342 @@
+"""Gaussian expectations of elementwise functions: closed forms and quadrature.
+
+For a pair (u, v) of jointly Gaussian pre-activations with variances `va`,
+`vb`, covariance `c` (and means `ma`, `mb`), an elementwise layer phi maps
+the second moment c to E[phi(u) phi(v)] (the NNGP) and multiplies the NTK by
+E[phi'(u) phi'(v)] (Jacot et al. 2018; Lee et al. 2018).
+
+Known phi have closed forms (`CORES`); a fused chain of elementwise
+primitives is matched against them as `a * f(s * z) + b` by `recognize`,
+which fits (a, s, b) from a few values and derivatives of phi and then
+verifies the fit on many probe points, so a misidentification cannot pass.
+Every other phi uses bivariate Gauss-Hermite quadrature, with phi' from
+automatic differentiation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QUADRATURE_POINTS = 48
+_TINY = 1e-30
+
+
+def _safe_sqrt(x):
+  return jnp.sqrt(jnp.maximum(x, 0.0))
+
+
+def _correlation(c, va, vb):
+  norm = _safe_sqrt(va * vb)
+  rho = jnp.where(norm > 0, c / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return jnp.clip(rho, -1.0, 1.0), norm
+
+
+# --------------------------------------------------------------------------
+# Closed forms. Each core f has kappa = E[f(u) f(v)], dkappa = E[f'(u) f'(v)]
+# and mean = E[f(u)] for zero-mean (u, v) with covariance [[va, c], [c, vb]].
+# --------------------------------------------------------------------------
+
+def _arccos_j(theta, norm):
+  """E[relu(u) relu(v)] = |u||v| (sin t + (pi - t) cos t) / (2 pi) (Cho & Saul 2009)."""
+  return norm / (2 * np.pi) * (jnp.sin(theta) + (np.pi - theta) * jnp.cos(theta))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReluPair:
+  """f(z) = p * z for z > 0 and n * z for z < 0: relu, leaky_relu, abs."""
+  p: float
+  n: float
+
+  def kappa(self, c, va, vb):
+    rho, norm = _correlation(c, va, vb)
+    theta = jnp.arccos(rho)
+    p, n = self.p, self.n
+    return (p * p + n * n) * _arccos_j(theta, norm) - 2 * p * n * _arccos_j(np.pi - theta, norm)
+
+  def dkappa(self, c, va, vb):
+    rho, _ = _correlation(c, va, vb)
+    theta = jnp.arccos(rho)
+    p, n = self.p, self.n
+    return ((p * p + n * n) * (np.pi - theta) + 2 * p * n * theta) / (2 * np.pi)
+
+  def mean(self, v):
+    return (self.p - self.n) * _safe_sqrt(v) / np.sqrt(2 * np.pi)
+
+  def __call__(self, z):
+    return jnp.where(z > 0, self.p * z, self.n * z)
+
+
+@dataclasses.dataclass(frozen=True)
+class Erf:
+  """f = erf: E[f f] = 2/pi arcsin(2c / sqrt((1 + 2va)(1 + 2vb))) (Williams 1997)."""
+
+  def kappa(self, c, va, vb):
+    return 2 / np.pi * jnp.arcsin(jnp.clip(2 * c / jnp.sqrt((1 + 2 * va) * (1 + 2 * vb)), -1, 1))
+
+  def dkappa(self, c, va, vb):
+    return 4 / np.pi / jnp.sqrt(jnp.maximum((1 + 2 * va) * (1 + 2 * vb) - 4 * c * c, _TINY))
+
+  def mean(self, v):
+    return jnp.zeros_like(v)
+
+  def __call__(self, z):
+    return jax.lax.erf(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sign:
+  """f = sign: E[f f] = 2/pi arcsin(rho); f' = 0 almost everywhere."""
+
+  def kappa(self, c, va, vb):
+    rho, _ = _correlation(c, va, vb)
+    return 2 / np.pi * jnp.arcsin(rho)
+
+  def dkappa(self, c, va, vb):
+    return jnp.zeros_like(c)
+
+  def mean(self, v):
+    return jnp.zeros_like(v)
+
+  def __call__(self, z):
+    return jnp.sign(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sin:
+  """f = sin: E[sin u sin v] = exp(-(va + vb)/2) sinh(c); f' = cos."""
+
+  def kappa(self, c, va, vb):
+    return jnp.exp(-(va + vb) / 2) * jnp.sinh(c)
+
+  def dkappa(self, c, va, vb):
+    return jnp.exp(-(va + vb) / 2) * jnp.cosh(c)
+
+  def mean(self, v):
+    return jnp.zeros_like(v)
+
+  def __call__(self, z):
+    return jnp.sin(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cos:
+  """f = cos: E[cos u cos v] = exp(-(va + vb)/2) cosh(c); f' = -sin."""
+
+  def kappa(self, c, va, vb):
+    return jnp.exp(-(va + vb) / 2) * jnp.cosh(c)
+
+  def dkappa(self, c, va, vb):
+    return jnp.exp(-(va + vb) / 2) * jnp.sinh(c)
+
+  def mean(self, v):
+    return jnp.exp(-v / 2)
+
+  def __call__(self, z):
+    return jnp.cos(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp:
+  """f = exp: E[e^u e^v] = exp((va + vb)/2 + c); f' = f."""
+
+  def kappa(self, c, va, vb):
+    return jnp.exp((va + vb) / 2 + c)
+
+  def dkappa(self, c, va, vb):
+    return self.kappa(c, va, vb)
+
+  def mean(self, v):
+    return jnp.exp(v / 2)
+
+  def __call__(self, z):
+    return jnp.exp(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gelu:
+  """f(z) = z Phi(z) (exact GELU).
+
+  E[f(u) f(v)] follows from writing Phi(u) = P(g <= u) for an independent
+  standard normal g and applying Stein's lemma to E[u v 1{u-g>0} 1{v-h>0}].
+  E[f'(u) f'(v)] uses quadrature (f' is smooth, so it converges fast).
+  """
+
+  def kappa(self, c, va, vb):
+    a1, b1 = va + 1, vb + 1
+    orthant = 0.25 + jnp.arcsin(jnp.clip(c / jnp.sqrt(a1 * b1), -1, 1)) / (2 * np.pi)
+    cond_t = jnp.maximum(b1 - c * c / a1, _TINY)
+    cond_s = jnp.maximum(a1 - c * c / b1, _TINY)
+    term_s = va / jnp.sqrt(2 * np.pi * a1) * (vb - c * c / a1) / jnp.sqrt(2 * np.pi * cond_t)
+    term_t = c / jnp.sqrt(2 * np.pi * b1) * (c / b1) / jnp.sqrt(2 * np.pi * cond_s)
+    return c * orthant + term_s + term_t
+
+  dkappa = None
+
+  def mean(self, v):
+    return v / jnp.sqrt(2 * np.pi * (1 + v))
+
+  def __call__(self, z):
+    return z * 0.5 * jax.lax.erfc(-z / np.sqrt(2))
+
+
+# --------------------------------------------------------------------------
+# Quadrature
+# --------------------------------------------------------------------------
+
+@__import__("functools").lru_cache(maxsize=None)
+def _hermite(points: int):
+  """Nodes and weights for E[g(xi)], xi ~ N(0, 1) (probabilists' Hermite)."""
+  nodes, weights = np.polynomial.hermite_e.hermegauss(points)
+  return nodes, weights / np.sqrt(2 * np.pi)
+
+
+def pair_expectation(fa: Callable, fb: Callable, c, va, vb, ma, mb, points: int = QUADRATURE_POINTS):
+  """E[fa(u) fb(v)] for (u, v) Gaussian with means ma, mb by Gauss-Hermite.
+
+  `fa`, `fb` map arrays of shape `batch + (q,)` elementwise (their
+  location-dependent constants broadcast against the trailing axis).
+  u = ma + sqrt(va) x, v = mb + (c / sqrt(va)) x + sqrt(vb - c^2/va) y.
+  """
+  nodes, weights = _hermite(points)
+  dtype = jnp.result_type(c, va, vb)
+  nodes, weights = jnp.asarray(nodes, dtype), jnp.asarray(weights, dtype)
+  sa = _safe_sqrt(va)
+  slope = jnp.where(sa > 0, c / jnp.where(sa > 0, sa, 1.0), 0.0)
+  resid = _safe_sqrt(vb - slope * slope)
+  expand = lambda t: jnp.asarray(t)[..., None]
+
+  def one_outer(x, w):
+    u = expand(ma + sa * x)
+    v = expand(mb + slope * x) + expand(resid) * nodes
+    inner = jnp.sum(fb(v) * weights, axis=-1)
+    return w * fa(u)[..., 0] * inner
+
+  total = jnp.zeros(jnp.broadcast_shapes(*(jnp.shape(t) for t in (c, va, vb, ma, mb))), dtype)
+  for i in range(points):  # unrolled: q is small and this keeps memory at O(batch * q)
+    total = total + one_outer(nodes[i], weights[i])
+  return total
+
+
+def expectation(f: Callable, v, m, points: int = QUADRATURE_POINTS):
+  """E[f(u)] for u ~ N(m, v) by Gauss-Hermite; `f` as in `pair_expectation`."""
+  nodes, weights = _hermite(points)
+  dtype = jnp.result_type(v)
+  nodes, weights = jnp.asarray(nodes, dtype), jnp.asarray(weights, dtype)
+  u = jnp.asarray(m)[..., None] + _safe_sqrt(v)[..., None] * nodes
+  return jnp.sum(f(u) * weights, axis=-1)
+
+
+def derivative(f: Callable) -> Callable:
+  """The elementwise derivative of an elementwise function."""
+  return lambda z: jax.jvp(f, (z,), (jnp.ones_like(z),))[1]
+
+
+# --------------------------------------------------------------------------
+# Recognition of phi = a * f(s * z) + b
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+  """phi = a * core(s * z) + b with a known closed-form core."""
+  core: object
+  a: float
+  s: float
+  b: float
+
+
+def _probe_points():
+  t = np.concatenate([np.geomspace(1e-3, 6.0, 24), [0.37, 1.0, 2.5]])
+  return np.concatenate([-t[::-1], [0.0], t])
+
+
+def recognize(phi: Callable[[jax.Array], jax.Array], dtype) -> Affine | None:
+  """Matches a location-independent scalar function against the closed forms.
+
+  Fits `a * core(s * z) + b` for each known core from phi's value and
+  derivatives at a few points, then checks the fit at ~55 probe points with a
+  tolerance at the dtype's precision. Returns None if nothing matches.
+  """
+  with jax.ensure_compile_time_eval():  # probes are concrete even inside a jit trace
+    return _recognize(phi, dtype)
+
+
+def _recognize(phi, dtype) -> Affine | None:
+  f64 = jnp.dtype(dtype) == jnp.float64
+  rtol = 1e-9 if f64 else 2e-5
+  z = jnp.asarray(_probe_points(), dtype)
+  try:
+    values = np.asarray(phi(z), np.float64)
+    d1 = lambda g: (lambda x: jax.jvp(g, (x,), (jnp.ones_like(x),))[1])
+    at0 = jnp.zeros((1,), dtype)
+    derivs = [float(np.asarray(phi(at0))[0])]
+    g = phi
+    for _ in range(4):
+      g = d1(g)
+      derivs.append(float(np.asarray(g(at0))[0]))
+  except Exception:  # phi cannot be evaluated on probe arrays: not a simple function
+    return None
+  if not np.all(np.isfinite(values)):
+    return None
+  zz = np.asarray(z, np.float64)
+  scale = max(1.0, float(np.max(np.abs(values))))
+  val = lambda x: float(np.asarray(phi(jnp.asarray([x], dtype)))[0])
+
+  def check(candidate: Affine) -> Affine | None:
+    fitted = candidate.a * np.asarray(candidate.core(jnp.asarray(candidate.s * zz, jnp.float64 if f64 else jnp.float32)), np.float64) + candidate.b
+    return candidate if np.all(np.abs(fitted - values) <= rtol * scale * 10) else None
+
+  v0, v1, v2, v3, v4 = derivs
+  candidates = []
+  p, n = val(1.0) - v0, -(val(-1.0) - v0)
+  candidates.append(Affine(ReluPair(p, n), 1.0, 1.0, v0))
+  candidates.append(Affine(Sign(), val(1.0) - v0, 1.0, v0))
+  if v1 != 0 and -v3 / v1 > 0:
+    s = math.sqrt(-v3 / (2 * v1))  # a erf(s z): f'(0) = 2as/sqrt(pi), f'''(0) = -4as^3/sqrt(pi)
+    candidates.append(Affine(Erf(), v1 * math.sqrt(math.pi) / (2 * s), s, v0))
+    s = math.sqrt(-v3 / v1)  # a sin(s z): f' = as, f''' = -as^3
+    candidates.append(Affine(Sin(), v1 / s, s, v0))
+  if v2 != 0 and -v4 / v2 > 0:
+    s = math.sqrt(-v4 / v2)  # a cos(s z): f'' = -as^2, f'''' = as^4
+    a = -v2 / s ** 2
+    candidates.append(Affine(Cos(), a, s, v0 - a))
+  if v1 != 0 and v2 != 0:
+    s = v2 / v1  # a exp(s z): f' = as, f'' = as^2
+    a = v1 / s
+    candidates.append(Affine(Exp(), a, s, v0 - a))
+    s = v2 / v1 * math.sqrt(2 * math.pi) / 4  # a gelu(s z): f' = as/2, f'' = 2as^2/sqrt(2pi)
+    if s > 0:
+      candidates.append(Affine(Gelu(), 2 * v1 / s, s, v0))
+  for candidate in candidates:
+    if not all(math.isfinite(t) for t in (candidate.a, candidate.s, candidate.b)):
+      continue
+    found = check(candidate)
+    if found is not None:
+      return found
+  return None
+
+
+def affine_kappa(form: Affine, c, va, vb, ma, mb):
+  """E[phi(u) phi(v)] for phi = a core(s z) + b and zero-mean (u, v)."""
+  del ma, mb
+  s2 = form.s ** 2
+  core = form.core
+  k = core.kappa(s2 * c, s2 * va, s2 * vb)
+  return form.a ** 2 * k + form.a * form.b * (core.mean(s2 * va) + core.mean(s2 * vb)) + form.b ** 2
+
+
+def affine_dkappa(form: Affine, c, va, vb):
+  """E[phi'(u) phi'(v)] = a^2 s^2 E[core'(s u) core'(s v)], or None if no closed form."""
+  if form.core.dkappa is None:
+    return None
+  s2 = form.s ** 2
+  return form.a ** 2 * s2 * form.core.dkappa(s2 * c, s2 * va, s2 * vb)
+
+
+def affine_mean(form: Affine, v):
+  return form.a * form.core.mean(form.s ** 2 * v) + form.b

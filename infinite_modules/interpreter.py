@@ -1,0 +1,248 @@
+"""The kernel interpreter: walks a model's jaxpr with abstract values.
+
+The model is traced three times with identical structure: on the first
+batch, on the second batch, and on a probe batch of a different size; an
+axis whose size differs between the first and the probe trace is the batch
+axis (so a batch of size 1 is never confused with a unit axis). Equations of
+the three traces are walked in lockstep; each primitive's rule (from
+`RULES`, keyed by primitive name, extensible with `register_rule`) maps the
+abstract values of its inputs to those of its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from infinite_modules.errors import unsupported
+from infinite_modules.values import Concrete, Field, ParamRef
+
+Rule = Callable[..., list]
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(name: str, rule: Rule | None = None):
+  """Registers a kernel transfer rule for the primitive called `name`.
+
+  A rule is `rule(interp, eqn, invals) -> list of outvals`: `eqn` is an
+  `Eqn` (the equation in the three traces, its params and module path),
+  `invals` the abstract values (`Concrete`, `ParamRef`, `Field`) of its
+  inputs. Usable as a decorator. A user rule replaces the built-in one.
+  """
+  if rule is None:
+    return lambda r: register_rule(name, r)
+  RULES[name] = rule
+  return rule
+
+
+@dataclasses.dataclass
+class Eqn:
+  """One equation seen in the three traces (first batch, second batch, probe)."""
+  e1: jcore.JaxprEqn
+  e2: jcore.JaxprEqn
+  ep: jcore.JaxprEqn
+
+  @property
+  def name(self) -> str:
+    return self.e1.primitive.name
+
+  @property
+  def primitive(self):
+    return self.e1.primitive
+
+  @property
+  def params(self) -> dict:
+    return self.e1.params
+
+  @property
+  def where(self) -> str:
+    stack = str(getattr(self.e1.source_info, "name_stack", "") or "")
+    return stack
+
+  def out_batch_axis(self, k: int = 0) -> int | None:
+    return batch_axis_of(self.e1.outvars[k].aval.shape, self.ep.outvars[k].aval.shape)
+
+  def out_shape(self, k: int = 0, side: int = 1):
+    eqn = self.e1 if side == 1 else self.e2
+    return tuple(eqn.outvars[k].aval.shape)
+
+  def error(self, why: str, hint: str | None = None):
+    return unsupported(self.name, self.where, why, hint)
+
+
+def batch_axis_of(shape1, shape_probe) -> int | None:
+  diff = [i for i, (a, b) in enumerate(zip(shape1, shape_probe)) if a != b]
+  if len(shape1) != len(shape_probe) or len(diff) > 1:
+    raise unsupported("reshape", "", "an intermediate mixes the batch axis with other axes.",
+                      "Keep examples independent.")
+  return diff[0] if diff else None
+
+
+@dataclasses.dataclass
+class Interpreter:
+  """State of one kernel evaluation."""
+  full: bool
+  parameterization: str
+  n1: int
+  n2: int
+  dtype: jnp.dtype
+  points: int
+  used_params: set = dataclasses.field(default_factory=set)
+
+  def grad_coefficient(self, prior) -> float:
+    """Weight of a parameter's gradient in the NTK.
+
+    NTK parameterization trains theta = mean + std * omega in omega, so the
+    gradient w.r.t. omega is std * (gradient w.r.t. theta): coefficient std^2.
+    Standard parameterization trains theta itself: coefficient 1.
+    """
+    return prior.variance if self.parameterization == "ntk" else 1.0
+
+  def claim(self, ref: ParamRef, eqn: Eqn):
+    if ref.leaf in self.used_params:
+      raise eqn.error(
+          f"parameter `{ref.path}` is used by more than one layer (weight sharing); "
+          "its infinite-width kernel needs correlated fields, which are not supported.")
+    self.used_params.add(ref.leaf)
+
+
+def _literal_value(v):
+  return np.asarray(v.val)
+
+
+def run_jaxpr(interp: Interpreter, j1, j2, jp, consts1, consts2, invals):
+  """Interprets one (sub-)jaxpr given in its three traces."""
+  env: dict = {}
+
+  def read(var):
+    if isinstance(var, jcore.Literal):
+      val = _literal_value(var)
+      return Concrete(val, val, None)
+    return env[var]
+
+  for v, c1, c2 in zip(j1.constvars, consts1, consts2):
+    env[v] = Concrete(c1, c2, None)
+  for v, x in zip(j1.invars, invals):
+    env[v] = x
+  for e1, e2, ep in zip(j1.eqns, j2.eqns, jp.eqns):
+    eqn = Eqn(e1, e2, ep)
+    invals_e = [read(v) for v in e1.invars]
+    outs = apply_rule(interp, eqn, invals_e)
+    for v, o in zip(e1.outvars, outs):
+      env[v] = o
+  return [read(v) for v in j1.outvars]
+
+
+def apply_rule(interp: Interpreter, eqn: Eqn, invals):
+  if all(isinstance(v, Concrete) for v in invals) and eqn.name not in _ALWAYS_RULE:
+    return evaluate_concrete(eqn, invals)
+  rule = RULES.get(eqn.name)
+  if rule is None:
+    raise eqn.error("there is no kernel transfer rule for it on infinite-width fields or "
+                    "parameters.")
+  return rule(interp, eqn, invals)
+
+
+# Primitives whose rule must run even on concrete inputs.
+_ALWAYS_RULE: set[str] = set()
+
+
+def evaluate_concrete(eqn: Eqn, invals) -> list:
+  """Evaluates a primitive on both batches (values depending on inputs only)."""
+  in_batch = any(v.batch_axis is not None for v in invals)
+  outs1 = _bind(eqn.e1, [v.v1 for v in invals])
+  if all(v.batch_axis is None for v in invals):
+    outs2 = outs1
+  else:
+    outs2 = _bind(eqn.e2, [v.v2 for v in invals])
+  results = []
+  for k, (o1, o2) in enumerate(zip(outs1, outs2)):
+    axis = eqn.out_batch_axis(k)
+    if in_batch and axis is None and np.ndim(o1) >= 0 and _depends_on_batch(eqn):
+      raise eqn.error("it combines different examples of the batch (e.g. batch "
+                      "statistics), so the kernel of one pair of inputs would depend on the "
+                      "others.", "Use running averages (e.g. BatchNorm(use_running_average=True)).")
+    results.append(Concrete(o1, o2 if axis is not None else o1, axis,
+                            _const_axes(eqn, invals, k)))
+  return results
+
+
+def _depends_on_batch(eqn: Eqn) -> bool:
+  return eqn.name not in ("iota", "shape")
+
+
+def _bind(e, vals):
+  out = e.primitive.bind(*vals, **e.params)
+  return list(out) if e.primitive.multiple_results else [out]
+
+
+def _const_axes(eqn: Eqn, invals, k) -> frozenset:
+  """Axes along which a concrete output is known constant (for channel checks)."""
+  shape = eqn.out_shape(k)
+  name = eqn.name
+  if name == "broadcast_in_dim":
+    (v,) = invals[:1]
+    dims = eqn.params["broadcast_dimensions"]
+    in_shape = np.shape(v.v1)
+    const = {i for i in range(len(shape)) if i not in dims}
+    for j, i in enumerate(dims):
+      if in_shape[j] == 1 or j in v.const_axes:
+        const.add(i)
+    return frozenset(const)
+  from infinite_modules.elementwise import ELEMENTWISE
+  if name in ELEMENTWISE:
+    const = set(range(len(shape)))
+    for v in invals:
+      vs = np.shape(v.v1)
+      offset = len(shape) - len(vs)
+      own = {i for i in range(len(shape)) if i < offset or vs[i - offset] == 1
+             or (i - offset) in v.const_axes}
+      const &= own
+    return frozenset(const)
+  return frozenset()
+
+
+def enter_call(interp: Interpreter, eqn: Eqn, invals):
+  """Rule for call-like primitives: interpret the inner jaxpr."""
+  inner = [_inner_jaxpr(e) for e in (eqn.e1, eqn.e2, eqn.ep)]
+  (j1, c1), (j2, c2), (jp, _) = inner
+  return run_jaxpr(interp, j1, j2, jp, c1, c2, invals)
+
+
+def _inner_jaxpr(e):
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    if key in e.params:
+      j = e.params[key]
+      if isinstance(j, jcore.ClosedJaxpr):
+        return j.jaxpr, j.consts
+      return j, ()
+  raise unsupported(e.primitive.name, "", "call primitive without an inner jaxpr.")
+
+
+for _name in ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
+              "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "remat2"):
+  RULES[_name] = enter_call
+  _ALWAYS_RULE.add(_name)
+
+
+def field_or_param(invals) -> bool:
+  return any(isinstance(v, (Field, ParamRef)) for v in invals)
+
+
+def as_array_pair(v: Concrete):
+  return jnp.asarray(v.v1), jnp.asarray(v.v2)
+
+
+def concrete_scalar(v) -> float | None:
+  """A python float if v is a concrete input-independent scalar (else None)."""
+  if isinstance(v, Concrete) and v.batch_axis is None and np.size(v.v1) == 1:
+    try:
+      return float(np.asarray(v.v1).reshape(()))
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+      return None
+  return None

@@ -1,0 +1,56 @@
+"""The `Kernel` object returned by `kernel_fn(x1, x2)` with `get=None`."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """Infinite-width kernels between two batches of inputs (NT's vocabulary).
+
+  Attributes:
+    nngp: (n1, n2) covariance of the network outputs (one output channel;
+      output channels are i.i.d.).
+    ntk: (n1, n2) neural tangent kernel.
+    cov1: (n1,) output variance of each input of the first batch.
+    cov2: (n2,) output variance of each input of the second batch.
+    shape1: shape of the first input batch.
+    shape2: shape of the second input batch.
+  """
+  nngp: jax.Array
+  ntk: jax.Array
+  cov1: jax.Array
+  cov2: jax.Array
+  shape1: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  shape2: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+
+_GET_NAMES = ("nngp", "ntk", "cov1", "cov2")
+
+
+def select(kernel: Kernel, get):
+  """Implements the `get=` convention: str -> array, tuple -> namedtuple, None -> Kernel."""
+  if get is None:
+    return kernel
+  if isinstance(get, str):
+    _check_names((get,))
+    return getattr(kernel, get)
+  get = tuple(get)
+  _check_names(get)
+  return _namedtuple(get)(*(getattr(kernel, name) for name in get))
+
+
+def _check_names(names):
+  bad = [n for n in names if n not in _GET_NAMES]
+  if bad or not names:
+    raise ValueError(f"`get` must name some of {_GET_NAMES}, got {names}.")
+
+
+@__import__("functools").lru_cache(maxsize=None)
+def _namedtuple(names):
+  return collections.namedtuple("Kernels", names)

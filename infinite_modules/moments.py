@@ -1,0 +1,200 @@
+"""Linear maps on the moment arrays of a `Root`, in either spatial layout.
+
+All spatial operations of the interpreter (convolution windows, pooling,
+padding, slicing, global sums, transposes) reduce to a few maps on the moment
+arrays; each is written once here for both layouts. "pair" arrays (nngp,
+ntk) have 2 leading batch axes, "single" arrays (var1, var2) have 1, and
+means have 1 leading axis and always one spatial axis per dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from infinite_modules.values import Root
+
+
+class NeedFullLayout(Exception):
+  """Raised inside the diagonal-layout pass when an op needs all position pairs."""
+
+
+def spatial_axes(lead: int, d: int, full: bool, k: int) -> tuple[int, ...]:
+  return (lead + k, lead + d + k) if full else (lead + k,)
+
+
+def map_arrays(root: Root, full: bool, second, mean=None, **changes) -> Root:
+  """Applies `second(arr, lead)` to the second moments and `mean(arr)` to means."""
+  mean = mean or (lambda a: a)
+  return dataclasses.replace(
+      root,
+      nngp=second(root.nngp, 2), ntk=second(root.ntk, 2),
+      var1=second(root.var1, 1), var2=second(root.var2, 1),
+      mean1=None if root.mean1 is None else mean(root.mean1),
+      mean2=None if root.mean2 is None else mean(root.mean2),
+      gathered_from=None, **changes)
+
+
+def _take(arr, axis, index):
+  """arr gathered along axis by index, with zeros where index < 0."""
+  index = np.asarray(index)
+  taken = jnp.take(arr, np.maximum(index, 0), axis=axis)
+  if np.all(index >= 0):
+    return taken
+  shape = [1] * taken.ndim
+  shape[axis] = len(index)
+  return taken * jnp.asarray((index >= 0).reshape(shape), taken.dtype)
+
+
+def gather(root: Root, full: bool, k: int, index) -> Root:
+  """Spatial dim k re-indexed: new position t holds old position index[t] (or 0 if < 0)."""
+  d = len(root.spatial)
+
+  def second(arr, lead):
+    for axis in spatial_axes(lead, d, full, k):
+      arr = _take(arr, axis, index)
+    return arr
+
+  spatial = tuple(len(index) if i == k else s for i, s in enumerate(root.spatial))
+  return map_arrays(root, full, second, lambda m: _take(m, 1 + k, index), spatial=spatial)
+
+
+def window_sum(root: Root, full: bool, k: int, window: int, stride: int, dilation: int,
+               padding: tuple[int, int]) -> Root:
+  """Sum over a sliding window along spatial dim k (the same tap on both positions).
+
+  out[t, t'] = sum_j in[t*stride + j*dilation - lo, t'*stride + j*dilation - lo],
+  zero outside the input: the moment map of a convolution tap sum / pooling.
+  """
+  d = len(root.spatial)
+  lo, hi = padding
+  size = root.spatial[k] + lo + hi
+  out = (size - dilation * (window - 1) - 1) // stride + 1
+  if out <= 0:
+    raise ValueError(f"Window {window} (dilation {dilation}) larger than padded size {size}.")
+
+  def pad(arr, axes):
+    widths = [(0, 0)] * arr.ndim
+    for axis in axes:
+      widths[axis] = (lo, hi)
+    if lo < 0 or hi < 0:
+      raise ValueError("Negative convolution padding is not supported.")
+    return jnp.pad(arr, widths)
+
+  def taps(arr, axes):
+    arr = pad(arr, axes)
+    total = 0
+    for j in range(window):
+      start = j * dilation
+      sl = [slice(None)] * arr.ndim
+      for axis in axes:
+        sl[axis] = slice(start, start + stride * (out - 1) + 1, stride)
+      total = total + arr[tuple(sl)]
+    return total
+
+  spatial = tuple(out if i == k else s for i, s in enumerate(root.spatial))
+  return map_arrays(root, full, lambda a, lead: taps(a, spatial_axes(lead, d, full, k)),
+                    lambda m: taps(m, (1 + k,)), spatial=spatial)
+
+
+def sum_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
+  """Sum of the field over spatial dims (global pooling): needs all position pairs."""
+  if not dims:
+    return root
+  if not full:
+    raise NeedFullLayout()
+  d = len(root.spatial)
+
+  def second(arr, lead):
+    axes = [a for k in dims for a in spatial_axes(lead, d, True, k)]
+    return jnp.sum(arr, axis=tuple(axes))
+
+  spatial = tuple(s for i, s in enumerate(root.spatial) if i not in dims)
+  return map_arrays(root, full, second, lambda m: jnp.sum(m, axis=tuple(1 + k for k in dims)),
+                    spatial=spatial)
+
+
+def diagonal_sum(arr, lead: int, d: int, full: bool, dims: tuple[int, ...]):
+  """sum_s arr[.., s, s] over spatial dims `dims` (a contraction over positions)."""
+  if not dims:
+    return arr
+  if not full:
+    return jnp.sum(arr, axis=tuple(lead + k for k in dims))
+  keep = [k for k in range(d) if k not in dims]
+  # Move the contracted pairs to the end, take their diagonal, sum it.
+  src = [lead + k for k in dims] + [lead + d + k for k in dims]
+  arr = jnp.moveaxis(arr, src, list(range(arr.ndim - 2 * len(dims), arr.ndim)))
+  sizes = arr.shape[arr.ndim - 2 * len(dims):][: len(dims)]
+  m = int(np.prod(sizes))
+  arr = arr.reshape(arr.shape[: arr.ndim - 2 * len(dims)] + (m, m))
+  del keep
+  return jnp.trace(arr, axis1=-2, axis2=-1)
+
+
+def permute_spatial(root: Root, full: bool, perm: tuple[int, ...]) -> Root:
+  """Reorders the root's spatial dims: new dim i is old dim perm[i]."""
+  d = len(root.spatial)
+  if tuple(perm) == tuple(range(d)):
+    return root
+
+  def second(arr, lead):
+    order = list(range(lead)) + [lead + p for p in perm]
+    if full:
+      order += [lead + d + p for p in perm]
+    return jnp.transpose(arr, order)
+
+  return map_arrays(root, full, second, lambda m: jnp.transpose(m, [0] + [1 + p for p in perm]),
+                    spatial=tuple(root.spatial[p] for p in perm))
+
+
+def diag_of(var, d: int, full: bool):
+  """Per-position variances (n, *S) from a single array (n, *S[, *S])."""
+  if not full or d == 0:
+    return var
+  n = var.shape[0]
+  sizes = var.shape[1:1 + d]
+  m = int(np.prod(sizes))
+  flat = var.reshape((n, m, m))
+  return jnp.diagonal(flat, axis1=1, axis2=2).reshape((n,) + sizes)
+
+
+def pair_broadcast(side1, side2, d: int, full: bool, pair: bool):
+  """Broadcasts per-position arrays of the two sides against a moment array.
+
+  side arrays have shape (n, *S) (+ trailing dims). For a pair array the result
+  broadcasts against (n1, n2, *S[, *S]); for a single array (pair=False, both
+  sides from the same batch) against (n, *S[, *S]).
+  """
+  def expand(a, first: bool):
+    a = jnp.asarray(a)
+    n, rest = a.shape[:1], a.shape[1:1 + d]
+    trailing = a.shape[1 + d:]
+    ones = (1,) * d
+    if pair:
+      lead = (n[0], 1) if first else (1, n[0])
+    else:
+      lead = n
+    if full:
+      spatial = rest + ones if first else ones + rest
+    else:
+      spatial = rest
+    return a.reshape(lead + spatial + trailing)
+  return expand(side1, True), expand(side2, False)
+
+
+def squeeze_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
+  """Removes spatial dims of size 1 (valid in both layouts)."""
+  if not dims:
+    return root
+  assert all(root.spatial[k] == 1 for k in dims)
+  d = len(root.spatial)
+
+  def second(arr, lead):
+    axes = [a for k in dims for a in spatial_axes(lead, d, full, k)]
+    return jnp.sum(arr, axis=tuple(axes))
+
+  spatial = tuple(s for i, s in enumerate(root.spatial) if i not in dims)
+  return map_arrays(root, full, second, lambda m: jnp.sum(m, axis=tuple(1 + k for k in dims)),
+                    spatial=spatial)

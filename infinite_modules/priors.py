@@ -1,0 +1,201 @@
+"""Exact priors (mean and variance of each entry) read from initializers.
+
+The kernel of an infinitely wide network depends on each parameter only
+through the mean and variance of the i.i.d. distribution its initializer
+draws from. We read those two numbers exactly from the initializer object:
+`jax.nn.initializers` / `flax.linen.initializers` closures (inspected through
+their closure cells) and Haiku's initializer classes (through their
+attributes). Anything else raises `PriorError`: a guessed prior would change
+the kernel silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from infinite_modules.errors import PriorError
+
+
+@dataclasses.dataclass(frozen=True)
+class Prior:
+  """Distribution of each entry of a parameter: i.i.d. with this mean/variance.
+
+  Attributes:
+    variance: variance of one entry.
+    mean: mean of one entry.
+    gaussian: whether the entries are Gaussian. Only matters for parameters
+      added to a field (biases): a non-Gaussian bias makes the sum
+      non-Gaussian, so no nonlinearity may follow it. Weights contracted over
+      an infinite axis give Gaussian outputs whatever their distribution.
+  """
+  variance: float
+  mean: float = 0.0
+  gaussian: bool = True
+
+  def __post_init__(self):
+    if not (math.isfinite(self.variance) and self.variance >= 0):
+      raise PriorError(f"Prior variance must be finite and >= 0, got {self.variance}.")
+    if not math.isfinite(self.mean):
+      raise PriorError(f"Prior mean must be finite, got {self.mean}.")
+
+
+def truncated_normal_moments(lower: float, upper: float) -> tuple[float, float]:
+  """Mean and variance of a standard normal truncated to [lower, upper]."""
+  pdf = lambda t: math.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+  cdf = lambda t: 0.5 * (1 + math.erf(t / math.sqrt(2)))
+  z = cdf(upper) - cdf(lower)
+  if z <= 0:
+    raise PriorError(f"Empty truncation interval [{lower}, {upper}].")
+  mean = (pdf(lower) - pdf(upper)) / z
+  variance = 1 + (lower * pdf(lower) - upper * pdf(upper)) / z - mean ** 2
+  return mean, variance
+
+
+def _jax_fans(shape: Sequence[int], in_axis, out_axis, batch_axis) -> tuple[float, float]:
+  """Fan-in/out exactly as `jax.nn.initializers.variance_scaling` computes them."""
+  shape = tuple(shape)
+  ndim = len(shape)
+  if ndim < 2:
+    raise PriorError(f"variance_scaling needs at least 2 dimensions, got shape {shape}.")
+  norm = lambda axes: {a % ndim for a in (axes if isinstance(axes, (tuple, list)) else (axes,))}
+  in_axes, out_axes, batch_axes = norm(in_axis), norm(out_axis), norm(batch_axis)
+  receptive = np.prod([s for i, s in enumerate(shape) if i not in in_axes | out_axes | batch_axes])
+  fan_in = np.prod([shape[i] for i in in_axes]) * receptive
+  fan_out = np.prod([shape[i] for i in out_axes]) * receptive
+  return float(fan_in), float(fan_out)
+
+
+def _haiku_fans(shape: Sequence[int], fan_in_axes) -> tuple[float, float]:
+  """Fan-in/out exactly as Haiku's `VarianceScaling` computes them."""
+  shape = tuple(shape)
+  if len(shape) < 1:
+    return 1.0, 1.0
+  if len(shape) == 1:
+    return float(shape[0]), float(shape[0])
+  if len(shape) == 2:
+    return float(shape[0]), float(shape[1])
+  if fan_in_axes is not None:
+    fan_in = np.prod([shape[i] for i in fan_in_axes])
+    fan_out = np.prod([s for i, s in enumerate(shape) if i not in fan_in_axes])
+    return float(fan_in), float(fan_out)
+  receptive = np.prod(shape[:-2])
+  return float(shape[-2] * receptive), float(shape[-1] * receptive)
+
+
+def _scaled_variance(scale: float, mode: str, fan_in: float, fan_out: float, clamp: bool) -> float:
+  denominators = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
+  if mode not in denominators:
+    raise PriorError(f"Unknown variance_scaling mode {mode!r}.")
+  denominator = denominators[mode]
+  return float(scale) / (max(1.0, denominator) if clamp else denominator)
+
+
+def _closure(fn: Callable) -> dict[str, Any]:
+  cells = fn.__closure__ or ()
+  return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, cells)}
+
+
+def _from_jax_initializer(init: Callable, shape: Sequence[int]) -> Prior | None:
+  """Prior of a `jax.nn.initializers` function, or None if not one of them."""
+  module = getattr(init, "__module__", "") or ""
+  if not module.startswith(("jax._src.nn.initializers", "jax.nn.initializers", "flax.")):
+    return None
+  name = getattr(init, "__qualname__", "")
+  if name in ("zeros", "zeros_init.<locals>.init"):
+    return Prior(0.0, 0.0)
+  if name in ("ones", "ones_init.<locals>.init"):
+    return Prior(0.0, 1.0)
+  cells = _closure(init) if init.__closure__ else {}
+  if name == "constant.<locals>.init":
+    value = np.asarray(cells["value"])
+    if value.size != 1 and not np.all(value == value.reshape(-1)[0]):
+      raise PriorError("constant initializer with a non-uniform value is not i.i.d.")
+    return Prior(0.0, float(value.reshape(-1)[0]))
+  if name == "normal.<locals>.init":
+    return Prior(float(cells["stddev"]) ** 2, 0.0)
+  if name == "truncated_normal.<locals>.init":
+    mean, variance = truncated_normal_moments(float(cells["lower"]), float(cells["upper"]))
+    stddev = float(cells["stddev"])
+    return Prior(variance * stddev ** 2, mean * stddev, gaussian=False)
+  if name == "uniform.<locals>.init":
+    scale = float(cells["scale"])
+    return Prior(scale ** 2 / 12.0, scale / 2.0, gaussian=False)
+  if name == "variance_scaling.<locals>.init":
+    fan_in, fan_out = _jax_fans(shape, cells["in_axis"], cells["out_axis"], cells["batch_axis"])
+    variance = _scaled_variance(cells["scale"], cells["mode"], fan_in, fan_out, clamp=False)
+    # jax scales all three distributions so that the variance is exactly
+    # `variance` (the truncated normal is divided by its own stddev).
+    if cells["distribution"] not in ("normal", "truncated_normal", "uniform"):
+      raise PriorError(f"variance_scaling distribution {cells['distribution']!r} is not supported.")
+    return Prior(variance, 0.0, gaussian=cells["distribution"] == "normal")
+  return None
+
+
+def _from_haiku_initializer(init: Any, shape: Sequence[int]) -> Prior | None:
+  """Prior of a Haiku initializer object, or None if not one of them."""
+  cls = type(init)
+  if not cls.__module__.startswith("haiku"):
+    return None
+  name = cls.__name__
+  if name == "Constant":
+    value = np.asarray(init.constant)
+    if value.size != 1 and not np.all(value == value.reshape(-1)[0]):
+      raise PriorError("hk.initializers.Constant with a non-uniform value is not i.i.d.")
+    return Prior(0.0, float(value.reshape(-1)[0]))
+  if name == "RandomNormal":
+    return Prior(float(init.stddev) ** 2, float(init.mean))
+  if name == "TruncatedNormal":
+    mean, variance = truncated_normal_moments(float(init.lower), float(init.upper))
+    stddev = float(init.stddev)
+    return Prior(variance * stddev ** 2, float(init.mean) + mean * stddev, gaussian=False)
+  if name == "RandomUniform":
+    low, high = float(init.minval), float(init.maxval)
+    return Prior((high - low) ** 2 / 12.0, (high + low) / 2.0, gaussian=False)
+  if name == "VarianceScaling":
+    fan_in, fan_out = _haiku_fans(shape, init.fan_in_axes)
+    variance = _scaled_variance(init.scale, init.mode, fan_in, fan_out, clamp=True)
+    if init.distribution == "truncated_normal":
+      # Haiku divides the stddev by the constant .87962566103423978 (the
+      # stddev of N(0,1) truncated to [-2, 2]), then draws TruncatedNormal.
+      _, tvar = truncated_normal_moments(-2.0, 2.0)
+      return Prior(variance / 0.87962566103423978 ** 2 * tvar, 0.0, gaussian=False)
+    return Prior(variance, 0.0, gaussian=init.distribution == "normal")
+  return None
+
+
+def prior_from_initializer(init: Any, shape: Sequence[int], name: str = "?") -> Prior:
+  """Returns the exact `Prior` of the distribution `init` draws for `shape`.
+
+  Args:
+    init: a `jax.nn.initializers` / `flax.linen.initializers` function, a Haiku
+      initializer, `None` (Haiku's default for a bias: zeros) or a `Prior`.
+    shape: the shape of the parameter (fans are computed from it).
+    name: the parameter's path, for the error message.
+
+  Raises:
+    PriorError: for an initializer whose distribution is not known exactly.
+  """
+  if isinstance(init, Prior):
+    return init
+  if init is None:
+    return Prior(0.0, 0.0)
+  import jax.numpy as jnp
+  if init is jnp.zeros:  # Haiku's default bias initializer
+    return Prior(0.0, 0.0)
+  if init is jnp.ones:
+    return Prior(0.0, 1.0)
+  for reader in (_from_jax_initializer, _from_haiku_initializer):
+    prior = reader(init, shape)
+    if prior is not None:
+      return prior
+  raise PriorError(
+      f"Parameter `{name}` uses initializer {init!r}, whose distribution is not "
+      "known exactly (supported: jax/flax variance_scaling family, normal, "
+      "truncated_normal, uniform, zeros, ones, constant; Haiku VarianceScaling, "
+      "TruncatedNormal, RandomNormal, RandomUniform, Constant). Pass an explicit "
+      f"prior: `kernel_fn(..., priors={{'{name}': im.Prior(variance=..., mean=0.)}}).`")

@@ -1,0 +1,105 @@
+"""Mapping between a field's logical axes and its root's location coordinates."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infinite_modules.values import Concrete, Field, atom_size
+
+
+def logical_atoms(field: Field, n: int):
+  """[(atom, size)] per logical axis."""
+  return [[(a, atom_size(field.root, a, n)) for a in atoms] for atoms in field.axes]
+
+
+def _uniform_along(value, axis) -> bool:
+  try:
+    arr = np.asarray(value)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return False
+  first = np.take(arr, [0], axis=axis)
+  return bool(np.all(arr == first))
+
+
+def to_location(conc: Concrete, field: Field, eqn) -> tuple:
+  """A concrete operand of an elementwise op with `field`, in root coordinates.
+
+  Returns per-side arrays of shape (n or 1, *S or 1s) (`S` the root's spatial
+  dims). The operand must be constant along the channel axis: a per-channel
+  constant would make channels non-identically distributed.
+  """
+  d = len(field.root.spatial)
+  out = []
+  for side, n in ((1, None), (2, None)):
+    del n
+    v = jnp.asarray(conc.v1 if side == 1 else conc.v2)
+    rank = len(field.axes)
+    if v.ndim > rank:
+      raise eqn.error("an operand has more axes than the field it combines with.")
+    v = v.reshape((1,) * (rank - v.ndim) + v.shape)
+    offset = rank - jnp.ndim(conc.v1)
+    dims = []  # (atom, size) of the expanded array
+    for i, atoms in enumerate(field.axes):
+      size = v.shape[i]
+      if size == 1:
+        continue
+      if "c" in atoms:
+        if (i - offset) in conc.const_axes or _uniform_along(v, i):
+          v = jnp.take(v, jnp.array([0]), axis=i)
+          continue
+        raise eqn.error(
+            "an operand varies along the infinite channel axis (a per-channel constant), so "
+            "channels would not be identically distributed.",
+            "Per-channel constants must be parameters with an i.i.d. initializer.")
+      dims.append(atoms)
+    # Reshape: split merged spatial axes into atoms; drop size-1 axes.
+    sizes, names = [], []
+    for i, atoms in enumerate(field.axes):
+      if v.shape[i] == 1:
+        continue
+      for a in atoms:
+        size = v.shape[0] if a == "b" else (1 if a == "u" else field.root.spatial[a])
+        if a == "b":
+          size = v.shape[i]
+        sizes.append(size)
+        names.append(a)
+    v = v.reshape(sizes) if sizes else v.reshape(())
+    order = ["b"] + list(range(d))
+    target_shape, perm = [], []
+    for a in order:
+      if a in names:
+        perm.append(names.index(a))
+    v = jnp.transpose(v, perm) if perm else v
+    pos = 0
+    for a in order:
+      if a in names:
+        target_shape.append(v.shape[pos])
+        pos += 1
+      else:
+        target_shape.append(1)
+    out.append(v.reshape(target_shape))
+  return tuple(out)
+
+
+def from_location(arr, axes, root, n: int):
+  """Inverse of `to_location` for channel-free logical axes: (n, *S) -> logical."""
+  d = len(root.spatial)
+  names = ["b"] + list(range(d))
+  order, shape = [], []
+  for atoms in axes:
+    for a in atoms:
+      if a == "u":
+        continue
+      if a == "c":
+        raise ValueError("from_location expects no channel atom")
+      order.append(names.index(a))
+  # Sum out spatial dims not present (callers reduce them before).
+  arr = jnp.transpose(arr, order + [i for i in range(1 + d) if i not in order]) if order else arr
+  for atoms in axes:
+    size = 1
+    for a in atoms:
+      size *= atom_size(root, a, n)
+    shape.append(size)
+  return arr.reshape(shape)

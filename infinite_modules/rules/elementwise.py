@@ -1,0 +1,114 @@
+"""Rules for elementwise primitives: fusion into phi, biases and scales.
+
+* Field op Concrete/literal (any elementwise primitive): appended to the
+  field's expression phi; concrete operands become location constants.
+* Field op Field of the same root: fused into phi as well (x + relu(x)).
+* Field +/- Field of independent roots: sum of independent fields,
+  `linear.add_independent`.
+* Field + ParamRef (bias) and Field * ParamRef (scale): `linear.add_bias`,
+  `linear.scale_by_param`.
+* ParamRef times a constant: folded into the ParamRef's factor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infinite_modules import elementwise as ew
+from infinite_modules.interpreter import RULES, concrete_scalar
+from infinite_modules.rules import linear
+from infinite_modules.rules.axes import to_location
+from infinite_modules.values import Concrete, Field, ParamRef
+
+
+def _param_rule(interp, eqn, invals):
+  name = eqn.name
+  refs = [v for v in invals if isinstance(v, ParamRef)]
+  fields = [v for v in invals if isinstance(v, Field)]
+  if len(refs) == 1 and not fields:
+    ref = refs[0]
+    others = [v for v in invals if v is not ref]
+    if name in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+      return [ref]
+    if name == "neg":
+      return [_scaled(ref, -1.0)]
+    if name == "mul" and len(others) == 1:
+      scalar = concrete_scalar(others[0])
+      if scalar is not None:
+        return [_scaled(ref, scalar)]
+      if isinstance(others[0], Concrete):
+        return [_scaled(ref, others[0])]
+    if name == "div" and invals[0] is ref:
+      scalar = concrete_scalar(invals[1])
+      if scalar is not None and scalar != 0:
+        return [_scaled(ref, 1.0 / scalar)]
+  if len(refs) == 1 and len(fields) == 1 and len(invals) == 2:
+    field, ref = fields[0], refs[0]
+    if name == "add":
+      return [linear.add_bias(interp, eqn, field, ref, 1.0)]
+    if name == "sub" and invals[0] is field:
+      return [linear.add_bias(interp, eqn, field, ref, -1.0)]
+    if name == "mul":
+      return [linear.scale_by_param(interp, eqn, field, ref)]
+  raise eqn.error("this combination of parameters and fields has no exact rule "
+                  "(parameters may only be contracted by dot_general/conv, added as biases "
+                  "or multiplied as per-channel scales).")
+
+
+def _scaled(ref: ParamRef, factor) -> ParamRef:
+  if isinstance(factor, Concrete) or isinstance(ref.factor, Concrete):
+    if isinstance(ref.factor, Concrete) and isinstance(factor, Concrete):
+      new = Concrete(jnp.asarray(ref.factor.v1) * factor.v1, jnp.asarray(ref.factor.v2) * factor.v2,
+                     factor.batch_axis if factor.batch_axis is not None else ref.factor.batch_axis)
+    elif isinstance(factor, Concrete):
+      new = Concrete(factor.v1 * ref.factor, factor.v2 * ref.factor, factor.batch_axis,
+                     factor.const_axes)
+    else:
+      new = Concrete(ref.factor.v1 * factor, ref.factor.v2 * factor, ref.factor.batch_axis,
+                     ref.factor.const_axes)
+    return dataclasses.replace(ref, factor=new)
+  return dataclasses.replace(ref, factor=ref.factor * factor)
+
+
+def elementwise_rule(interp, eqn, invals):
+  if any(isinstance(v, ParamRef) for v in invals):
+    return _param_rule(interp, eqn, invals)
+  fields = [v for v in invals if isinstance(v, Field)]
+  roots = {id(f.root) for f in fields}
+  if len(roots) > 1:
+    if eqn.name in ("add", "sub") and len(fields) == 2:
+      a, b = invals
+      return [linear.add_independent(interp, eqn, a, b, -1.0 if eqn.name == "sub" else 1.0)]
+    raise eqn.error("it combines fields from different sources; only their sum is exact "
+                    "(products of fields have no Gaussian kernel rule).")
+  template = fields[0]
+  for f in fields[1:]:
+    if f.axes != template.axes:
+      raise eqn.error(f"it combines one field in two layouts {template.axes} and {f.axes} "
+                      "(broadcasting a field is not supported).")
+  args = []
+  for v in invals:
+    if isinstance(v, Field):
+      args.append(v.expr if v.expr is not None else ew.Z)
+    else:
+      scalar_like = v.batch_axis is None and jnp.ndim(v.v1) == 0
+      if scalar_like:
+        # Keep literals as numpy values: a jnp value would be staged into the
+        # surrounding jit trace and block closed-form recognition.
+        lit = v.v1 if isinstance(v.v1, jax.core.Tracer) else np.asarray(v.v1)
+        args.append(("lit", lit))
+      else:
+        args.append(("ctx", to_location(v, template, eqn)))
+  if eqn.name == "convert_element_type" and len(args) == 1:
+    # Keep phi in the kernel's dtype: the model's casts are no-ops on moments.
+    return [template]
+  expr = ew.node(eqn.primitive, eqn.params, args)
+  return [Field(template.root, template.axes, expr)]
+
+
+for _name in ew.ELEMENTWISE:
+  RULES[_name] = elementwise_rule

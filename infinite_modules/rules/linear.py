@@ -1,0 +1,348 @@
+"""Rules that create or combine fields linearly: dense, conv, bias, scale, sums.
+
+Notation: a layer y = s * sum_{j in fan-in} W_j x_j with W i.i.d. of
+variance v (prior), C the traced width of the contracted channel axis, and M
+the per-channel second moment of x. Then (Neal 1996; Lee et al. 2018; Jacot
+et al. 2018; Arora et al. 2019 for convolutions):
+  nngp' = s^2 v C M,   ntk' = s^2 v C ntk + g s^2 C M,
+with g the gradient coefficient (v in NTK parameterization, 1 in standard),
+and M summed over the positions a convolution window or a flatten contracts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from infinite_modules import elementwise as ew
+from infinite_modules import moments as mo
+from infinite_modules.interpreter import RULES, Interpreter
+from infinite_modules.rules.axes import to_location
+from infinite_modules.values import Concrete, Field, ParamRef, Root, new_origin
+
+
+def materialize(interp: Interpreter, eqn, field: Field) -> Root:
+  """The moments of a field, raising a named error if phi needs Gaussian input."""
+  try:
+    return ew.materialize(field.root, field.expr, interp.full, interp.points)
+  except ew.NotGaussianError:
+    raise eqn.error(
+        "a nonlinearity is applied to a field that is not Gaussian (e.g. the sum of a "
+        "nonlinearity's output and another field, or a field plus a non-Gaussian bias), "
+        "whose kernel depends on more than its covariance.",
+        "Apply a linear layer (Dense/Conv) before the nonlinearity, or use "
+        "`interop.monte_carlo_kernel_fn`.") from None
+
+
+def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]):
+  """Checks a weight view; returns (out axis in view, its size, prior variance * s^2, g * s^2)."""
+  if isinstance(ref.factor, Concrete):
+    raise eqn.error(f"the weight `{ref.path}` is scaled by an input-dependent value.")
+  if ref.prior.mean != 0:
+    raise eqn.error(
+        f"the weight `{ref.path}` has an initializer with non-zero mean {ref.prior.mean}; "
+        "its output does not converge to a centered Gaussian process at infinite width.",
+        "Use a zero-mean initializer.")
+  free = [i for i in range(len(ref.shape)) if i not in contracted]
+  wide = [i for i in free if ref.leaf_axes[i] is not None]
+  if len(wide) != 1 or any(ref.shape[i] != 1 for i in free if i not in wide):
+    raise eqn.error(
+        f"the weight `{ref.path}` must have exactly one output (channel) axis, got free axes of "
+        f"sizes {[ref.shape[i] for i in free]}.")
+  if any(ref.leaf_axes[i] is None and ref.shape[i] != 1 for i in contracted):
+    raise eqn.error(f"the weight `{ref.path}` is broadcast along a contracted axis.")
+  interp.claim(ref, eqn)
+  s2 = float(ref.factor) ** 2
+  return wide[0], ref.shape[wide[0]], ref.prior.variance * s2, interp.grad_coefficient(ref.prior) * s2
+
+
+def _new_root(nngp, ntk, var1, var2, spatial, channels) -> Root:
+  return Root(nngp=nngp, ntk=ntk, var1=var1, var2=var2, mean1=None, mean2=None,
+              spatial=tuple(spatial), channels=channels, gaussian=True, origins=new_origin())
+
+
+def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spatial, channels):
+  """Applies nngp' = v C M and ntk' = v C ntk + g C M (C = `width`)."""
+  factor = variance * width
+  return _new_root(factor * root_in.nngp, factor * root_in.ntk + grad * width * root_in.nngp,
+                   factor * root_in.var1, factor * root_in.var2, spatial, channels)
+
+
+def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype):
+  """Second moments of a concrete input, summed over its contracted axes.
+
+  Returns a pseudo-root whose 'positions' are the free non-batch axes.
+  """
+  def arrange(x):
+    x = jnp.asarray(x, dtype)
+    x = jnp.transpose(x, [batch_axis, *free, *contracted])
+    k = int(np.prod(x.shape[1 + len(free):]))
+    return x.reshape(x.shape[:1 + len(free)] + (k,))
+
+  a, b = arrange(x1), arrange(x2)
+  d = len(free)
+  letters = "defghijklm"[:d]
+  primed = "nopqrstuvw"[:d]
+  if full:
+    pair = f"a{letters}z,b{primed}z->ab{letters}{primed}"
+    single = f"a{letters}z,a{primed}z->a{letters}{primed}"
+  else:
+    pair = f"a{letters}z,b{letters}z->ab{letters}"
+    single = f"a{letters}z,a{letters}z->a{letters}"
+  nngp = jnp.einsum(pair, a, b)
+  return Root(nngp=nngp, ntk=jnp.zeros_like(nngp), var1=jnp.einsum(single, a, a),
+              var2=jnp.einsum(single, b, b), mean1=None, mean2=None,
+              spatial=tuple(a.shape[1:1 + d]), channels=1, gaussian=False, origins=frozenset())
+
+
+def dot_general_rule(interp: Interpreter, eqn, invals):
+  lhs, rhs = invals
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  if lb or rb:
+    raise eqn.error("batched matrix products of fields/parameters are not supported.")
+  if isinstance(rhs, ParamRef) and isinstance(lhs, (Field, Concrete)):
+    x, xc, w, wc, x_first = lhs, tuple(lc), rhs, tuple(rc), True
+  elif isinstance(lhs, ParamRef) and isinstance(rhs, (Field, Concrete)):
+    x, xc, w, wc, x_first = rhs, tuple(rc), lhs, tuple(lc), False
+  else:
+    raise eqn.error(
+        "only products of a field or input with a weight parameter have an exact kernel "
+        "(field x field, e.g. attention scores, or field x constant matrix is not supported).")
+  out_axis, width_out, factor, grad = _weight(interp, eqn, w, wc)
+  w_axes = [("c",) if i == out_axis else ("u",) for i in range(len(w.shape)) if i not in wc]
+
+  if isinstance(x, Concrete):
+    if x.batch_axis is None or x.batch_axis in xc:
+      raise eqn.error("a weight is applied to a value that does not have a batch axis "
+                      "or contracts it.")
+    free = [i for i in range(x.ndim) if i not in xc and i != x.batch_axis]
+    root_in = _input_moments(x.v1, x.v2, x.batch_axis, xc, free, interp.full, interp.dtype)
+    root = _scaled_layer(root_in, factor, grad, 1.0, root_in.spatial, width_out)
+    x_axes, j = [], 0
+    for i in range(x.ndim):
+      if i == x.batch_axis:
+        x_axes.append(("b",))
+      elif i in free:
+        x_axes.append((j,))
+        j += 1
+  else:
+    contracted_atoms = [a for i in xc for a in x.axes[i]]
+    if "c" not in contracted_atoms or "b" in contracted_atoms:
+      raise eqn.error("a weight must contract the field's channel axis (and not its batch "
+                      "axis).")
+    root_in = materialize(interp, eqn, x)
+    d = len(root_in.spatial)
+    dims = tuple(sorted(a for a in contracted_atoms if isinstance(a, int)))
+    keep = [k for k in range(d) if k not in dims]
+    reduced = dataclasses.replace(
+        root_in,
+        nngp=mo.diagonal_sum(root_in.nngp, 2, d, interp.full, dims),
+        ntk=mo.diagonal_sum(root_in.ntk, 2, d, interp.full, dims),
+        var1=mo.diagonal_sum(root_in.var1, 1, d, interp.full, dims),
+        var2=mo.diagonal_sum(root_in.var2, 1, d, interp.full, dims))
+    spatial = [root_in.spatial[k] for k in keep]
+    root = _scaled_layer(reduced, factor, grad, root_in.channels, spatial, width_out)
+    renumber = {k: j for j, k in enumerate(keep)}
+    x_axes = [tuple(renumber.get(a, a) for a in x.axes[i]) for i in range(len(x.axes))
+              if i not in xc]
+  axes = (*x_axes, *w_axes) if x_first else (*w_axes, *x_axes)
+  return [Field(root, tuple(axes))]
+
+
+def conv_rule(interp: Interpreter, eqn, invals):
+  lhs, rhs = invals
+  p = eqn.params
+  if not isinstance(rhs, ParamRef) or not isinstance(lhs, (Field, Concrete)):
+    raise eqn.error("only convolutions of a field or input with a weight parameter are exact.")
+  if any(v != 1 for v in p["lhs_dilation"]):
+    raise eqn.error("transposed convolutions (input dilation) are not supported.",
+                    "Use a regular convolution or `interop.monte_carlo_kernel_fn`.")
+  if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    raise eqn.error("grouped/depthwise convolutions are not supported (channels within a "
+                    "group share inputs, so the kernel is not the one of i.i.d. channels).",
+                    "Use feature_group_count=1 or `interop.monte_carlo_kernel_fn`.")
+  dn = p["dimension_numbers"]
+  lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+  nd = len(lhs_spec) - 2
+  contracted = tuple(rhs_spec[1:])
+  out_axis, width_out, factor, grad = _weight(interp, eqn, rhs, contracted)
+  if out_axis != rhs_spec[0]:
+    raise eqn.error("unexpected convolution kernel layout.")
+  windows = [rhs.shape[rhs_spec[2 + i]] for i in range(nd)]
+  if isinstance(lhs, Concrete):
+    if lhs.batch_axis != lhs_spec[0]:
+      raise eqn.error("the convolution input's batch axis is not the traced batch axis.")
+    root_in = _input_moments(lhs.v1, lhs.v2, lhs_spec[0], (lhs_spec[1],), list(lhs_spec[2:]),
+                             interp.full, interp.dtype)
+    width_in = 1.0
+  else:
+    if lhs.axes[lhs_spec[0]] != ("b",) or lhs.axes[lhs_spec[1]] != ("c",):
+      raise eqn.error("the convolution's batch/feature axes are not the field's batch/channel "
+                      "axes.")
+    atoms = [lhs.axes[lhs_spec[2 + i]] for i in range(nd)]
+    if any(len(a) != 1 or not isinstance(a[0], int) for a in atoms):
+      raise eqn.error(f"convolution over non-spatial or merged axes {atoms}.")
+    root_in = materialize(interp, eqn, lhs)
+    root_in = mo.permute_spatial(root_in, interp.full, tuple(a[0] for a in atoms))
+    width_in = root_in.channels
+  root = root_in
+  for i in range(nd):
+    root = mo.window_sum(root, interp.full, i, windows[i], p["window_strides"][i],
+                         p["rhs_dilation"][i], tuple(p["padding"][i]))
+  root = _scaled_layer(root, factor, grad, width_in, root.spatial, width_out)
+  axes = [None] * (nd + 2)
+  axes[out_spec[0]] = ("b",)
+  axes[out_spec[1]] = ("c",)
+  for i in range(nd):
+    axes[out_spec[2 + i]] = (i,)
+  return [Field(root, tuple(axes))]
+
+
+def _per_channel(eqn, field: Field, ref: ParamRef, what: str):
+  """Checks that ref varies only along the field's channel axis."""
+  rank = len(field.axes)
+  if len(ref.shape) > rank:
+    raise eqn.error(f"the {what} `{ref.path}` has more axes than the field.")
+  offset = rank - len(ref.shape)
+  wide = [i for i, s in enumerate(ref.shape) if s != 1]
+  ok = (int(np.prod(ref.shape)) == field.root.channels
+        and all(field.axes[offset + i] == ("c",) and ref.leaf_axes[i] is not None for i in wide))
+  if not ok:
+    raise eqn.error(
+        f"the {what} `{ref.path}` must vary exactly along the field's channel axis (one value "
+        "per channel); a scalar or per-position parameter correlates the channels.")
+
+
+def _sides(root: Root):
+  dtype = root.nngp.dtype
+  n1, n2 = root.var1.shape[0], root.var2.shape[0]
+  m1 = jnp.zeros((n1, *root.spatial), dtype) if root.mean1 is None else root.mean1
+  m2 = jnp.zeros((n2, *root.spatial), dtype) if root.mean2 is None else root.mean2
+  return m1, m2
+
+
+def add_bias(interp: Interpreter, eqn, field: Field, ref: ParamRef, sign: float) -> Field:
+  """x + b with b_c i.i.d. (mean mu, variance v) independent of x:
+  E[(x + b)(x' + b)] = M + mu (m + m') + mu^2 + v;  ntk' = ntk + g."""
+  _per_channel(eqn, field, ref, "bias")
+  if isinstance(ref.factor, Concrete):
+    raise eqn.error(f"the bias `{ref.path}` is scaled by an input-dependent value.")
+  interp.claim(ref, eqn)
+  s = sign * float(ref.factor)
+  mu, var = s * ref.prior.mean, s * s * ref.prior.variance
+  grad = interp.grad_coefficient(ref.prior) * s * s
+  root = materialize(interp, eqn, field)
+  d, full = len(root.spatial), interp.full
+  m1, m2 = _sides(root)
+
+  def second(arr, ma, mb, pair):
+    if mu == 0:
+      return arr + var
+    a, b = mo.pair_broadcast(ma, mb, d, full, pair)
+    return arr + mu * (a + b) + mu * mu + var
+
+  has_mean = root.mean1 is not None or mu != 0
+  new = dataclasses.replace(
+      root, nngp=second(root.nngp, m1, m2, True), ntk=root.ntk + grad,
+      var1=second(root.var1, m1, m1, False), var2=second(root.var2, m2, m2, False),
+      mean1=m1 + mu if has_mean else None, mean2=m2 + mu if has_mean else None,
+      gaussian=root.gaussian and (ref.prior.gaussian or var == 0),
+      origins=root.origins | (new_origin() if var > 0 else frozenset()), gathered_from=None)
+  return Field(new, field.axes)
+
+
+def scale_by_param(interp: Interpreter, eqn, field: Field, ref: ParamRef) -> Field:
+  """gamma * x with gamma_c i.i.d. (mean mu, variance v) independent of x:
+  E[gamma x gamma x'] = (mu^2 + v) M;  ntk' = (mu^2 + v) ntk + g M."""
+  _per_channel(eqn, field, ref, "scale")
+  if isinstance(ref.factor, Concrete):
+    # A LayerNorm multiplies rsqrt(var + eps) (per example) into its scale first.
+    ctx = ("ctx", to_location(ref.factor, field, eqn))
+    base = field.expr if field.expr is not None else ew.Z
+    field = Field(field.root, field.axes, ew.node(_mul(), {}, [base, ctx]))
+    ref = dataclasses.replace(ref, factor=1.0)
+  interp.claim(ref, eqn)
+  s = float(ref.factor)
+  mu, var = s * ref.prior.mean, s * s * ref.prior.variance
+  grad = interp.grad_coefficient(ref.prior) * s * s
+  second = mu * mu + var
+  root = materialize(interp, eqn, field)
+  new = dataclasses.replace(
+      root, nngp=second * root.nngp, ntk=second * root.ntk + grad * root.nngp,
+      var1=second * root.var1, var2=second * root.var2,
+      mean1=None if root.mean1 is None else mu * root.mean1,
+      mean2=None if root.mean2 is None else mu * root.mean2,
+      gaussian=root.gaussian and var == 0,
+      origins=root.origins | (new_origin() if var > 0 else frozenset()), gathered_from=None)
+  return Field(new, field.axes)
+
+
+def _mul():
+  import jax
+  return jax.lax.mul_p
+
+
+def _spatial_correspondence(eqn, a: Field, b: Field):
+  """perm with b's root spatial dim perm[k] aligned with a's dim k."""
+  if len(a.axes) != len(b.axes):
+    raise eqn.error("it adds fields of different ranks.")
+  mapping = {}
+  for xa, xb in zip(a.axes, b.axes):
+    if len(xa) != len(xb):
+      raise eqn.error(f"it adds fields with different layouts {a.axes} and {b.axes}.")
+    for ta, tb in zip(xa, xb):
+      if isinstance(ta, int) and isinstance(tb, int):
+        mapping[ta] = tb
+      elif ta != tb:
+        raise eqn.error(f"it adds fields with different layouts {a.axes} and {b.axes}.")
+  d = len(a.root.spatial)
+  return tuple(mapping[k] for k in range(d))
+
+
+def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -> Field:
+  """Sum of two fields from disjoint random sources (e.g. a residual x + f(x)).
+
+  Independent fields add their kernels: M = M_a + M_b + m_a m_b' + m_b m_a',
+  ntk = ntk_a + ntk_b (gradient cross terms vanish at infinite width). Fields
+  that share a source (overlapping origins) raise: their cross-covariance is
+  not tracked, and assuming independence would be silently wrong.
+  """
+  ra = materialize(interp, eqn, a)
+  rb = materialize(interp, eqn, b)
+  if ra.origins & rb.origins:
+    raise eqn.error(
+        "it adds two fields that depend on the same random parameters in different ways "
+        "(e.g. z + relu(z + b)); their cross-covariance is not tracked, and assuming "
+        "independence would give a wrong kernel.")
+  if ra.channels != rb.channels:
+    raise eqn.error("it adds fields of different widths.")
+  rb = mo.permute_spatial(rb, interp.full, _spatial_correspondence(eqn, a, b))
+  if ra.spatial != rb.spatial:
+    raise eqn.error("it adds fields with different spatial sizes.")
+  d, full = len(ra.spatial), interp.full
+  ma1, ma2 = _sides(ra)
+  mb1, mb2 = _sides(rb)
+  mb1, mb2 = sign * mb1, sign * mb2
+  has_mean = ra.mean1 is not None or rb.mean1 is not None
+
+  def second(xa, xb, pa, pb, qa, qb, pair):
+    if not has_mean:
+      return xa + xb
+    a1, b2 = mo.pair_broadcast(pa, qb, d, full, pair)
+    b1, a2 = mo.pair_broadcast(qa, pb, d, full, pair)
+    return xa + xb + a1 * b2 + b1 * a2
+
+  root = Root(
+      nngp=second(ra.nngp, rb.nngp, ma1, ma2, mb1, mb2, True), ntk=ra.ntk + rb.ntk,
+      var1=second(ra.var1, rb.var1, ma1, ma1, mb1, mb1, False),
+      var2=second(ra.var2, rb.var2, ma2, ma2, mb2, mb2, False),
+      mean1=ma1 + mb1 if has_mean else None, mean2=ma2 + mb2 if has_mean else None,
+      spatial=ra.spatial, channels=ra.channels, gaussian=ra.gaussian and rb.gaussian,
+      origins=ra.origins | rb.origins)
+  return Field(root, a.axes)
+
+
+RULES["dot_general"] = dot_general_rule
+RULES["conv_general_dilated"] = conv_rule

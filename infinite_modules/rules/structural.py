@@ -1,0 +1,374 @@
+"""Rules for structural primitives on fields and parameters.
+
+reshape/transpose/broadcast regroup a field's logical axes (elementwise
+functions commute with them, so phi stays pending); slicing, padding,
+reversal and concatenation along spatial axes are gathers of positions;
+sums and windows over spatial axes are linear maps of the moments (pooling);
+sums over the channel axis are deterministic at infinite width (law of large
+numbers) and give concrete per-example values (as in LayerNorm statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from infinite_modules import elementwise as ew
+from infinite_modules import moments as mo
+from infinite_modules.interpreter import RULES, Interpreter
+from infinite_modules.rules.axes import from_location
+from infinite_modules.rules.linear import materialize
+from infinite_modules.values import Concrete, Field, ParamRef, Root, atom_size
+
+
+# ---------------------------------------------------------------- regrouping
+
+def _regroup_field(interp: Interpreter, eqn, field: Field, new_shape) -> Field:
+  n = interp.n1
+  flat = [(a, atom_size(field.root, a, n)) for atoms in field.axes for a in atoms if a != "u"]
+  batch_axis = eqn.out_batch_axis()
+  axes, ptr = [], 0
+  for i, size in enumerate(new_shape):
+    if i == batch_axis:
+      if ptr >= len(flat) or flat[ptr][0] != "b":
+        raise eqn.error("a reshape moves or merges the batch axis, mixing examples.")
+      axes.append(("b",))
+      ptr += 1
+      continue
+    group, prod = [], 1
+    while prod < size or (size == prod and ptr < len(flat) and flat[ptr][1] == 1
+                          and flat[ptr][0] != "b" and group):
+      if ptr >= len(flat) or flat[ptr][0] == "b":
+        raise eqn.error("a reshape merges the batch axis with other axes, mixing examples.")
+      group.append(flat[ptr][0])
+      prod *= flat[ptr][1]
+      ptr += 1
+    if prod != size:
+      raise eqn.error(f"a reshape to {tuple(new_shape)} splits a spatial or channel axis of the "
+                      f"field {field.axes} (only merging/splitting along earlier merges is "
+                      "supported).")
+    axes.append(tuple(group) if group else ("u",))
+  leftover = flat[ptr:]
+  if any(s != 1 or a == "b" for a, s in leftover):
+    raise eqn.error("unexpected reshape of a field.")
+  # A size-1 channel axis may be squeezed away (e.g. a scalar output).
+  root = field.root
+  drop = tuple(sorted(a for a, _ in leftover if isinstance(a, int)))
+  if drop:
+    base = materialize(interp, eqn, field)
+    root = mo.squeeze_spatial(base, interp.full, drop)
+    keep = [k for k in range(len(base.spatial)) if k not in drop]
+    renumber = {k: j for j, k in enumerate(keep)}
+    axes = [tuple(renumber.get(a, a) for a in ax) for ax in axes]
+    return Field(root, tuple(axes))
+  return Field(root, tuple(axes), field.expr)
+
+
+def _regroup_param(eqn, ref: ParamRef, new_shape) -> ParamRef:
+  flat = [(la, s) for la, s in zip(ref.leaf_axes, ref.shape) if s != 1]
+  leaf_axes, ptr = [], 0
+  for size in new_shape:
+    if size == 1:
+      leaf_axes.append(None)
+      continue
+    if ptr >= len(flat) or flat[ptr][1] != size:
+      raise eqn.error(f"a reshape of parameter `{ref.path}` merges or splits its axes.")
+    leaf_axes.append(flat[ptr][0])
+    ptr += 1
+  return dataclasses.replace(ref, shape=tuple(new_shape), leaf_axes=tuple(leaf_axes))
+
+
+def reshape_rule(interp, eqn, invals):
+  x = invals[0]
+  new_shape = eqn.out_shape()
+  if isinstance(x, ParamRef):
+    return [_regroup_param(eqn, x, new_shape)]
+  if isinstance(x, Field):
+    return [_regroup_field(interp, eqn, x, new_shape)]
+  raise eqn.error("unexpected operands.")
+
+
+def squeeze_rule(interp, eqn, invals):
+  return reshape_rule(interp, eqn, invals)
+
+
+def transpose_rule(interp, eqn, invals):
+  x = invals[0]
+  perm = eqn.params["permutation"]
+  if isinstance(x, ParamRef):
+    return [dataclasses.replace(x, shape=tuple(x.shape[p] for p in perm),
+                                leaf_axes=tuple(x.leaf_axes[p] for p in perm))]
+  return [Field(x.root, tuple(x.axes[p] for p in perm), x.expr)]
+
+
+def broadcast_rule(interp, eqn, invals):
+  x = invals[0]
+  shape = eqn.params["shape"]
+  dims = eqn.params["broadcast_dimensions"]
+  if isinstance(x, ParamRef):
+    leaf_axes = [None] * len(shape)
+    for j, i in enumerate(dims):
+      leaf_axes[i] = x.leaf_axes[j] if x.shape[j] == shape[i] else None
+      if x.shape[j] != shape[i] and x.shape[j] != 1:
+        raise eqn.error("bad broadcast of a parameter.")
+    return [dataclasses.replace(x, shape=tuple(shape), leaf_axes=tuple(leaf_axes))]
+  axes = [("u",)] * len(shape)
+  in_shape = eqn.e1.invars[0].aval.shape
+  for j, i in enumerate(dims):
+    if in_shape[j] != shape[i] and i != eqn.out_batch_axis():
+      raise eqn.error("broadcasting a field along an axis copies it (perfectly correlated "
+                      "copies), which is not supported.")
+    axes[i] = x.axes[j]
+  for i, s in enumerate(shape):
+    if i not in dims and s != 1:
+      raise eqn.error("broadcasting a field along a new axis copies it, which is not "
+                      "supported.")
+  return [Field(x.root, tuple(axes), x.expr)]
+
+
+# ---------------------------------------------------------------- reductions
+
+def reduce_sum_rule(interp, eqn, invals):
+  (x,) = invals
+  if not isinstance(x, Field):
+    raise eqn.error("sums of parameters are not supported.")
+  axes = tuple(eqn.params["axes"])
+  atoms = [a for i in axes for a in x.axes[i]]
+  if "b" in atoms:
+    raise eqn.error("it sums over the batch axis (statistics over examples), so one "
+                    "example's output depends on the others.",
+                    "Use BatchNorm(use_running_average=True) or per-example operations.")
+  remaining = tuple(x.axes[i] for i in range(len(x.axes)) if i not in axes)
+  spatial_dims = tuple(sorted(a for a in atoms if isinstance(a, int)))
+  if "c" in atoms:
+    # Law of large numbers: sum_c phi(z_c) = C E[phi(z)], deterministic per example.
+    try:
+      m1, m2 = ew.means(x.root, x.expr, interp.full, interp.points)
+    except ew.NotGaussianError:
+      raise eqn.error("a nonlinear statistic of a non-Gaussian field has no exact rule.") from None
+    c = x.root.channels
+    out = []
+    for m, n in ((m1, interp.n1), (m2, interp.n2)):
+      m = c * jnp.sum(m, axis=tuple(1 + k for k in spatial_dims)) if spatial_dims else c * m
+      keep = [k for k in range(len(x.root.spatial)) if k not in spatial_dims]
+      root_view = dataclasses.replace(x.root, spatial=tuple(x.root.spatial[k] for k in keep))
+      renumber = {k: j for j, k in enumerate(keep)}
+      axes_view = [tuple(renumber.get(a, a) for a in ax) for ax in remaining]
+      out.append(from_location(m, axes_view, root_view, n))
+    return [Concrete(out[0], out[1], eqn.out_batch_axis())]
+  root = materialize(interp, eqn, x)
+  root = mo.sum_spatial(root, interp.full, spatial_dims)
+  keep = [k for k in range(len(x.root.spatial)) if k not in spatial_dims]
+  renumber = {k: j for j, k in enumerate(keep)}
+  new_axes = tuple(tuple(renumber.get(a, a) for a in ax) for ax in remaining)
+  return [Field(root, new_axes)]
+
+
+def reduce_window_sum_rule(interp, eqn, invals):
+  (x,) = invals
+  p = eqn.params
+  if not isinstance(x, Field):
+    raise eqn.error("pooling of parameters is not supported.")
+  if any(v != 1 for v in p["base_dilation"]):
+    raise eqn.error("window sums with base dilation are not supported.")
+  root = materialize(interp, eqn, x)
+  axes = list(x.axes)
+  for i, atoms in enumerate(x.axes):
+    window, stride = p["window_dimensions"][i], p["window_strides"][i]
+    dilation, pad = p["window_dilation"][i], tuple(p["padding"][i])
+    if window == 1 and stride == 1 and pad == (0, 0):
+      continue
+    if len(atoms) != 1 or not isinstance(atoms[0], int):
+      raise eqn.error(f"pooling over the non-spatial axis {atoms} (batch or channel).")
+    if window > 1 and not interp.full:
+      raise mo.NeedFullLayout()
+    root = mo.window_sum(root, interp.full, atoms[0], window, stride, dilation, pad)
+  return [Field(root, tuple(axes))]
+
+
+# ---------------------------------------------------------------- gathers
+
+def _gather_field(interp, eqn, field: Field, k_axis: int, index) -> Field:
+  """Gathers positions along logical axis k_axis (a single spatial atom)."""
+  atoms = field.axes[k_axis]
+  if len(atoms) != 1 or not isinstance(atoms[0], int):
+    raise eqn.error(f"slicing/padding the axis {atoms} of a field (only spatial axes can be "
+                    "sliced or padded; channel slicing only as a whole channel axis).")
+  k = atoms[0]
+  root = materialize(interp, eqn, field)
+  base, base_index = root, None
+  if root.gathered_from is not None:
+    base, base_index = root.gathered_from
+  index = np.asarray(index)
+  if base_index is not None:
+    prev = np.asarray(base_index[k]) if base_index[k] is not None else None
+    composed = index if prev is None else np.where(index >= 0, prev[np.maximum(index, 0)], -1)
+  else:
+    composed = index
+  new = mo.gather(root, interp.full, k, index)
+  full_index = list(base_index) if base_index is not None else [None] * len(root.spatial)
+  full_index[k] = composed
+  new = dataclasses.replace(new, gathered_from=(base, tuple(full_index)))
+  return Field(new, field.axes)
+
+
+def slice_rule(interp, eqn, invals):
+  (x,) = invals
+  if not isinstance(x, Field):
+    raise eqn.error("slicing parameters is not supported.")
+  p = eqn.params
+  strides = p["strides"] or (1,) * len(x.axes)
+  out = x
+  in_shape = eqn.e1.invars[0].aval.shape
+  for i, atoms in enumerate(x.axes):
+    start, limit, stride = p["start_indices"][i], p["limit_indices"][i], strides[i]
+    if (start, limit, stride) == (0, in_shape[i], 1):
+      continue
+    if atoms == ("c",):
+      if stride != 1:
+        raise eqn.error("strided channel slices are not supported.")
+      root = materialize(interp, eqn, out)
+      out = Field(dataclasses.replace(root, channels=limit - start, gathered_from=None), out.axes)
+      continue
+    out = _gather_field(interp, eqn, out, i, np.arange(start, limit, stride))
+  return [out]
+
+
+def pad_rule(interp, eqn, invals):
+  x, value = invals
+  if not isinstance(x, Field):
+    raise eqn.error("padding parameters is not supported.")
+  if not (isinstance(value, Concrete) and value.batch_axis is None
+          and np.all(np.asarray(value.v1) == 0)):
+    raise eqn.error("padding a field with a non-zero value is not supported.")
+  out = x
+  in_shape = eqn.e1.invars[0].aval.shape
+  for i, (lo, hi, interior) in enumerate(eqn.params["padding_config"]):
+    if (lo, hi, interior) == (0, 0, 0):
+      continue
+    n = in_shape[i]
+    size = lo + hi + n + max(n - 1, 0) * interior
+    index = np.full(size, -1)
+    for j in range(n):
+      pos = lo + j * (interior + 1)
+      if 0 <= pos < size:
+        index[pos] = j
+    out = _gather_field(interp, eqn, out, i, index)
+  return [out]
+
+
+def rev_rule(interp, eqn, invals):
+  (x,) = invals
+  out = x
+  in_shape = eqn.e1.invars[0].aval.shape
+  for i in eqn.params["dimensions"]:
+    out = _gather_field(interp, eqn, out, i, np.arange(in_shape[i])[::-1])
+  return [out]
+
+
+def concatenate_rule(interp, eqn, invals):
+  dim = eqn.params["dimension"]
+  if not all(isinstance(v, Field) for v in invals):
+    raise eqn.error("concatenating a field with inputs or parameters is not supported.")
+  first = invals[0]
+  if first.axes[dim] == ("c",):
+    return [_concat_channels(interp, eqn, invals)]
+  atoms = first.axes[dim]
+  if len(atoms) != 1 or not isinstance(atoms[0], int):
+    raise eqn.error(f"concatenation along the axis {atoms}.")
+  k = atoms[0]
+  roots = [materialize(interp, eqn, v) for v in invals]
+  bases, indices = [], []
+  for r in roots:
+    base, idx = (r.gathered_from if r.gathered_from is not None else (r, (None,) * len(r.spatial)))
+    bases.append(base)
+    indices.append(idx)
+  if any(b is not bases[0] for b in bases) or any(v.axes != first.axes for v in invals):
+    raise eqn.error(
+        "it concatenates different fields along a spatial axis; their cross-covariance is not "
+        "tracked (concatenating slices/pads of one field, as circular padding does, is "
+        "supported).")
+  base = bases[0]
+  for j in range(len(base.spatial)):
+    if j != k and any(not _same_index(idx[j], indices[0][j]) for idx in indices):
+      raise eqn.error("concatenated pieces differ along another axis.")
+  full_idx = [np.arange(base.spatial[k]) if idx[k] is None else np.asarray(idx[k])
+              for idx in indices]
+  index = np.concatenate(full_idx)
+  other = list(indices[0])
+  root = base
+  for j, idx in enumerate(other):
+    if j != k and idx is not None:
+      root = mo.gather(root, interp.full, j, idx)
+  root = mo.gather(root, interp.full, k, index)
+  other[k] = index
+  root = dataclasses.replace(root, gathered_from=(base, tuple(other)))
+  return [Field(root, first.axes)]
+
+
+def _same_index(a, b) -> bool:
+  if a is None or b is None:
+    return a is None and b is None
+  return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _concat_channels(interp, eqn, fields) -> Field:
+  """Channel concatenation: per-channel moments are the width-weighted average."""
+  from infinite_modules.rules.linear import _spatial_correspondence
+  roots = []
+  for f in fields:
+    r = materialize(interp, eqn, f)
+    r = mo.permute_spatial(r, interp.full, _spatial_correspondence(eqn, fields[0], f))
+    roots.append(r)
+  widths = np.array([r.channels for r in roots], float)
+  total = widths.sum()
+  avg = lambda name: sum(w / total * getattr(r, name) for w, r in zip(widths, roots))
+
+  def avg_mean(name):
+    if all(getattr(r, name) is None for r in roots):
+      return None
+    return sum(w / total * (getattr(r, name) if getattr(r, name) is not None else 0.0)
+               for w, r in zip(widths, roots))
+
+  origins = frozenset().union(*(r.origins for r in roots))
+  root = Root(nngp=avg("nngp"), ntk=avg("ntk"), var1=avg("var1"), var2=avg("var2"),
+              mean1=avg_mean("mean1"), mean2=avg_mean("mean2"), spatial=roots[0].spatial,
+              channels=int(total), gaussian=False, origins=origins)
+  return Field(root, fields[0].axes)
+
+
+def _no_rule(message, hint=None):
+  def rule(interp, eqn, invals):
+    raise eqn.error(message, hint)
+  return rule
+
+
+RULES.update({
+    "reshape": reshape_rule,
+    "squeeze": squeeze_rule,
+    "expand_dims": squeeze_rule,
+    "transpose": transpose_rule,
+    "broadcast_in_dim": broadcast_rule,
+    "reduce_sum": reduce_sum_rule,
+    "reduce_window_sum": reduce_window_sum_rule,
+    "slice": slice_rule,
+    "pad": pad_rule,
+    "rev": rev_rule,
+    "concatenate": concatenate_rule,
+    "sharding_constraint": lambda interp, eqn, invals: [invals[0]],
+    "optimization_barrier": lambda interp, eqn, invals: list(invals),
+    "reduce_max": _no_rule("a maximum over an axis of a field has no closed-form kernel "
+                           "(this includes softmax over the infinite channel axis)."),
+    "reduce_min": _no_rule("a minimum over an axis of a field has no closed-form kernel."),
+    "argmax": _no_rule("argmax of a field has no kernel."),
+    "argmin": _no_rule("argmin of a field has no kernel."),
+    "sort": _no_rule("sorting a field has no kernel."),
+    "reduce_window_max": _no_rule("max pooling has no closed-form kernel.",
+                                  "Use nn.avg_pool, or `interop.monte_carlo_kernel_fn`."),
+    "reduce_window_min": _no_rule("min pooling has no closed-form kernel."),
+    "stop_gradient": _no_rule("stop_gradient on a field changes the NTK in a way not modelled."),
+    "cumsum": _no_rule("cumulative sums of fields are not supported."),
+    "reduce_prod": _no_rule("products over an axis of a field are not supported."),
+})

@@ -1,0 +1,125 @@
+"""Abstract values the interpreter assigns to jaxpr variables.
+
+* `Concrete`: depends only on the inputs; evaluated on both batches.
+* `ParamRef`: a view of one parameter leaf (its prior, which of its axes is
+  which, a constant factor).
+* `Field`: an infinite-width field: a tensor with one axis (the channel axis)
+  taken to infinity, i.i.d. across channels. It is `expr(z)`, an elementwise
+  function of the variable `z` of its `Root`, which carries the moments.
+
+Moment layouts. With d spatial dims S = (s_1..s_d), the moment arrays are
+  nngp, ntk: (n1, n2, *S) ("diag" layout, only s = s') or (n1, n2, *S, *S)
+             ("full" layout, all pairs of positions);
+  var1/var2: (n, *S) or (n, *S, *S): the same with both inputs from one batch;
+  mean1/mean2: (n, *S) or None for zero mean.
+`nngp`/`var` are uncentered second moments E[f f'] per channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from infinite_modules.priors import Prior
+
+Atom = Any  # 'b' (batch), 'c' (channel), 'u' (unit), or int (root spatial dim)
+
+_tokens = itertools.count()
+
+
+def new_origin() -> frozenset:
+  """A fresh source of randomness (a weight matrix, a random bias)."""
+  return frozenset([next(_tokens)])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Concrete:
+  """A value computed from the inputs alone, on each batch.
+
+  `batch_axis` is None for values that do not depend on the inputs (then
+  `v1 is v2`). `const_axes` lists axes along which the value is known to be
+  constant (broadcast), which lets it act on a field's channel axis.
+  """
+  v1: jax.Array
+  v2: jax.Array
+  batch_axis: int | None
+  const_axes: frozenset = frozenset()
+
+  @property
+  def ndim(self):
+    return jnp.ndim(self.v1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParamRef:
+  """A view of a parameter leaf.
+
+  `leaf_axes[i]` is the leaf axis that view axis i comes from (None: unit or
+  broadcast axis). `factor` is a python float or a `Concrete` multiplying it.
+  """
+  leaf: int
+  path: str
+  prior: Prior
+  shape: tuple[int, ...]
+  leaf_axes: tuple[int | None, ...]
+  factor: Any = 1.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Root:
+  """Moments of a field variable z (see module docstring for layouts).
+
+  Attributes:
+    spatial: sizes of the root's spatial dims S.
+    channels: traced size of the channel axis.
+    gaussian: whether z is jointly Gaussian (across inputs and positions).
+    origins: tokens of the independent random sources z depends on; roots
+      with disjoint origins are independent.
+    gathered_from: (parent Root, index arrays per spatial dim) when this root
+      is a gather (slice/pad/concat) of another, so gathers of one field can
+      be concatenated (circular padding).
+  """
+  nngp: jax.Array
+  ntk: jax.Array
+  var1: jax.Array
+  var2: jax.Array
+  mean1: jax.Array | None
+  mean2: jax.Array | None
+  spatial: tuple[int, ...]
+  channels: int
+  gaussian: bool
+  origins: frozenset
+  gathered_from: Any = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Field:
+  """expr(z) for the root's z, laid out along `axes` (one atom tuple per axis)."""
+  root: Root
+  axes: tuple[tuple[Atom, ...], ...]
+  expr: Any = None  # None: identity
+  ctx: tuple = ()   # location-dependent constants used by expr, per side
+
+  @property
+  def is_identity(self):
+    return self.expr is None
+
+  def channel_axis(self) -> int | None:
+    for i, atoms in enumerate(self.axes):
+      if "c" in atoms:
+        return i
+    return None
+
+
+def atom_size(root: Root, atom: Atom, n: int) -> int:
+  if atom == "b":
+    return n
+  if atom == "c":
+    return root.channels
+  if atom == "u":
+    return 1
+  return root.spatial[atom]

@@ -130,6 +130,19 @@ def contract(operands: Sequence[jax.Array], labels: Sequence[Sequence[int]],
   return jnp.einsum(*args, list(out_labels), optimize="optimal")
 
 
+def contraction_cost(operands: Sequence[Any], labels: Sequence[Sequence[int]],
+                     out_labels: Sequence[int]) -> float:
+  """FLOPs of the optimal contraction order of :func:`contract` (from ``opt_einsum``)."""
+  import opt_einsum
+
+  sym = opt_einsum.get_symbol
+  eq = ",".join("".join(sym(x) for x in ls) for ls in labels)
+  eq += "->" + "".join(sym(x) for x in out_labels)
+  shapes = [tuple(jnp.shape(op)) for op in operands]
+  _, info = opt_einsum.contract_path(eq, *shapes, shapes=True, optimize="optimal")
+  return float(info.opt_cost)
+
+
 # ----------------------------------------------------------------------------- kwargs
 
 

@@ -340,8 +340,8 @@ def _structured(ctx: _Ctx) -> PyTree:
   for o, (lay, out_leaf) in enumerate(zip(ctx.layouts, jax.tree_util.tree_leaves(ctx.out1))):
     n_axis = fx_axes[o] if vmapped else None
     k = sd.structured_kernel(lay, plan1, plan2, jac1[o], jac2[o], ops1, ops2, sc1, sc2,
-                             metas1, metas2, n_axis, n_axis, ctx.leaf_weights,
-                             ctx.kernel_dtype(out_leaf))
+                             metas1, metas2, n_axis, ctx.leaf_weights,
+                             ctx.kernel_dtype(out_leaf), symmetric=ctx.x2 is None)
     kernels.append(k / lay.trace_size)
   return _unflatten_out(ctx, kernels)
 

@@ -43,7 +43,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from interop import structured_rules as rules
-from interop._layout import KernelLayout, contract
+from interop._layout import KernelLayout, contract, contraction_cost
 
 PyTree = Any
 
@@ -420,14 +420,24 @@ def structured_kernel(
     jac1: tuple[list, list], jac2: tuple[list, list],
     ops1: list, ops2: list, scales1: list, scales2: list,
     metas1: Mapping[int, _FormMeta], metas2: Mapping[int, _FormMeta],
-    n_axis1: int | None, n_axis2: int | None,
+    n_axis: int | None,
     leaf_weights: Sequence[Any] | None,
     dtype: Any,
+    symmetric: bool,
 ) -> jax.Array:
   """Sums the structured and generic contributions for one output leaf.
 
-  ``n_axis_s`` is the output axis along which examples were vmapped on side ``s``
-  (``None`` without ``vmap_axes``); rule operands then carry that example axis first.
+  ``n_axis`` is the output axis along which examples were vmapped (``None`` without
+  ``vmap_axes``); rule operands then carry that example axis first. ``symmetric`` means
+  side 2 is side 1 (``x2=None``), so per-side intermediates are computed once.
+
+  Each structured use is contracted in the cheaper of two orders (by FLOPs):
+
+  * *Gram*: one einsum over both sides, e.g. ``(x_1 x_2^T) * (G_1 G_2^T)`` for a dense
+    layer, never forming anything of the size of the weight;
+  * *materialize*: per side ``J_s = G_s X_s`` (the leaf's Jacobian in the shape of
+    ``u``, computed once if symmetric), then ``J_1 J_2^T``; best when weights are small
+    and reused many times (convolutions).
   """
   g1, j1 = jac1
   g2, j2 = jac2
@@ -437,37 +447,56 @@ def structured_kernel(
   def weight(leaf: int) -> Any:
     return 1.0 if leaf_weights is None else leaf_weights[leaf]
 
+  def n_labels(m: _FormMeta) -> int:
+    return 1 + max([*m.y_labels, *m.u_labels, -1,
+                    *(lab for ls in m.operand_labels for lab in ls)])
+
   for k, (u1, u2) in enumerate(zip(plan1.structured, plan2.structured)):
     m1, m2 = metas1[k], metas2[k]
-    n_local = 1 + max([*m1.y_labels, *m1.u_labels, -1,
-                       *(lab for ls in m1.operand_labels for lab in ls)])
-    n_local2 = 1 + max([*m2.y_labels, *m2.u_labels, -1,
-                        *(lab for ls in m2.operand_labels for lab in ls)])
-    base1, base2 = nxt, nxt + n_local
-    nxt += n_local + n_local2
-    ren1 = {lab: base1 + lab for lab in range(n_local)}
-    ren2 = {lab: base2 + lab for lab in range(n_local2)}
-    for axis, tied in enumerate(u1.tags):
-      if tied:
+    n1, n2 = n_labels(m1), n_labels(m2)
+    ren1 = {lab: nxt + lab for lab in range(n1)}
+    ren2 = {lab: nxt + n1 + lab for lab in range(n2)}
+    nxt += n1 + n2
+    tied = []
+    for axis, is_tied in enumerate(u1.tags):
+      if is_tied:
         ren2[m2.u_labels[axis]] = ren1[m1.u_labels[axis]]
-    operands: list = [g1[k]]
-    labels: list = [tuple(layout.labels1) + tuple(ren1[lab] for lab in m1.y_labels)]
-    for side, (ops, meta, ren, scales, n_axis, lab_out) in enumerate((
-        (ops1, m1, ren1, scales1, n_axis1, layout.labels1),
-        (ops2, m2, ren2, scales2, n_axis2, layout.labels2))):
+        tied.append(ren1[m1.u_labels[axis]])
+
+    def side(g: list, ops: list, scales: list, meta: _FormMeta, ren: dict,
+             basis: tuple[int, ...]) -> tuple[list, list]:
+      operands = [g[k]]
+      labels = [tuple(basis) + tuple(ren[lab] for lab in meta.y_labels)]
       for op, ls in zip(ops[k], meta.operand_labels):
         lab = tuple(ren[x] for x in ls)
         if n_axis is not None:
-          lab = (lab_out[n_axis],) + lab
+          lab = (basis[n_axis],) + lab
         operands.append(op)
         labels.append(lab)
       if scales[k] is not None:
         operands.append(scales[k])
         labels.append(tuple(ren[x] for x in meta.u_labels))
-      del side
-    operands.append(g2[k])
-    labels.append(tuple(layout.labels2) + tuple(ren2[lab] for lab in m2.y_labels))
-    term = contract(operands, labels, layout.out_labels)
+      return operands, labels
+
+    a_ops, a_labs = side(g1, ops1, scales1, m1, ren1, layout.labels1)
+    b_ops, b_labs = side(g2, ops2, scales2, m2, ren2, layout.labels2)
+    # A tied label missing from the operands belongs to a size-1 axis of u that the
+    # equation broadcasts implicitly; it contributes nothing to keep.
+    present = {lab for ls in a_labs for lab in ls}
+    tied = [lab for lab in tied if lab in present]
+    keep1 = tuple(layout.labels1) + tuple(tied)
+    keep2 = tuple(layout.labels2) + tuple(tied)
+    gram_cost = contraction_cost(a_ops + b_ops, a_labs + b_labs, layout.out_labels)
+    mat_cost = (contraction_cost(a_ops, a_labs, keep1) * (1 if symmetric else 2)
+                + contraction_cost([_shape_of(a_ops, a_labs, keep1),
+                                    _shape_of(b_ops, b_labs, keep2)],
+                                   [keep1, keep2], layout.out_labels))
+    if mat_cost < gram_cost:
+      ja = contract(a_ops, a_labs, keep1)
+      jb = ja if symmetric else contract(b_ops, b_labs, keep2)
+      term = contract([ja, jb], [keep1, keep2], layout.out_labels)
+    else:
+      term = contract(a_ops + b_ops, a_labs + b_labs, layout.out_labels)
     total = total + (m1.scale * m2.scale * weight(u1.leaf)) * term.astype(dtype)
 
   for j, leaf in enumerate(plan1.generic):
@@ -478,6 +507,12 @@ def structured_kernel(
                     layout.out_labels)
     total = total + weight(leaf) * term.astype(dtype)
   return total
+
+
+def _shape_of(operands: Sequence[Any], labels: Sequence[Sequence[int]],
+              out: Sequence[int]) -> jax.ShapeDtypeStruct:
+  sizes = {lab: d for op, ls in zip(operands, labels) for lab, d in zip(ls, jnp.shape(op))}
+  return jax.ShapeDtypeStruct(tuple(sizes[lab] for lab in out), jnp.float32)
 
 
 def result_dtype(leaves: Sequence[Any]) -> Any:

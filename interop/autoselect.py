@@ -1,0 +1,205 @@
+"""``implementation="auto"``: pick the fastest NTK implementation for given shapes.
+
+NT's ``AUTO`` compares the FLOPs that XLA reports for the compiled candidates and is
+documented to be wrong on CPU and GPU. Two things go wrong there: backend-optimized HLO
+can hide FLOPs inside library calls, and FLOPs alone ignore that Jacobian contraction is
+bound by memory traffic (it streams ``N * O * P`` Jacobian entries). Here:
+
+1. every candidate is lowered and compiled for the call's shapes (no execution);
+2. its cost is ``max(flops_hlo, flops_compiled) / F + bytes / B`` with the FLOPs of the
+   *unoptimized* HLO (platform independent, counts every dot and convolution), the
+   bytes accessed of the *compiled* HLO (after fusion), and ``F`` / ``B`` a sustained
+   throughput / bandwidth for the backend (:data:`THROUGHPUT`);
+3. candidates whose compiled temporary memory does not fit in the device are skipped;
+4. when the call is not being traced (concrete inputs) and the two best estimates are
+   within :data:`MEASURE_WITHIN` of each other, both are run once and the faster wins,
+   so near-ties are settled by measurement rather than by the model;
+5. the choice and the compiled executable are cached per shapes, dtypes and static
+   keyword arguments.
+
+Under an outer ``jax.jit`` the choice is made at trace time from the estimates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+PyTree = Any
+
+__all__ = ["auto_ntk_fn", "THROUGHPUT", "MEASURE_WITHIN", "Estimate"]
+
+#: Sustained (FLOP/s, bytes/s) per backend platform for the cost model.
+THROUGHPUT: dict[str, tuple[float, float]] = {
+    "cpu": (8e9 * max(1, os.cpu_count() or 1), 8e9),
+    "gpu": (2.0e13, 1.5e12),
+    "cuda": (2.0e13, 1.5e12),
+    "rocm": (2.0e13, 1.5e12),
+    "tpu": (1.0e14, 1.0e12),
+}
+
+#: Estimates within this factor are settled by timing (when not tracing).
+MEASURE_WITHIN = 2.0
+
+
+@dataclasses.dataclass
+class Estimate:
+  """Cost-model inputs and result for one candidate."""
+
+  implementation: Any
+  flops: float
+  bytes: float
+  temp_bytes: float
+  seconds: float
+  compiled: Any = None
+  measured: float | None = None
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _partition_kwargs(kwargs: Mapping[str, Any]) -> tuple[list, Any, tuple]:
+  leaves, treedef = jax.tree_util.tree_flatten(dict(kwargs))
+  dyn = [x for x in leaves if _is_array(x)]
+  static = tuple(None if _is_array(x) else x for x in leaves)
+  return dyn, treedef, static
+
+
+def _merge_kwargs(dyn: list, treedef: Any, static: tuple) -> dict[str, Any]:
+  it = iter(dyn)
+  return jax.tree_util.tree_unflatten(treedef, [next(it) if s is None else s for s in static])
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.result_type(x))
+      if _is_array(x) or isinstance(x, jax.core.Tracer) else x, tree)
+
+
+def _hashable(x: Any) -> Any:
+  try:
+    hash(x)
+    return x
+  except TypeError:
+    return repr(x)
+
+
+def _is_traced(tree: PyTree) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _device_memory() -> float:
+  dev = jax.devices()[0]
+  try:
+    stats = dev.memory_stats()
+  except Exception:  # noqa: BLE001 - backends without memory stats
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return float(stats["bytes_limit"])
+  try:
+    return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+  except (ValueError, OSError, AttributeError):  # pragma: no cover
+    return float("inf")
+
+
+def _cost(d: Any) -> dict:
+  if isinstance(d, (list, tuple)):
+    d = d[0] if d else {}
+  return d or {}
+
+
+def estimate(impl: Any, fn: Callable, args: tuple, platform: str) -> Estimate:
+  """Compiles ``fn(*args)`` and returns its cost-model estimate (no execution)."""
+  lowered = jax.jit(fn).lower(*args)
+  compiled = lowered.compile()
+  pre, post = _cost(lowered.cost_analysis()), _cost(compiled.cost_analysis())
+  flops = max(float(pre.get("flops", 0.0)), float(post.get("flops", 0.0)))
+  nbytes = float(post.get("bytes accessed", pre.get("bytes accessed", 0.0)))
+  try:
+    temp = float(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001
+    temp = 0.0
+  f, b = THROUGHPUT.get(platform, THROUGHPUT["gpu"])
+  return Estimate(impl, flops, nbytes, temp, flops / f + nbytes / b, compiled)
+
+
+def _time(compiled: Any, args: tuple, repeats: int = 2) -> float:
+  jax.block_until_ready(compiled(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+class _AutoNtk:
+  """Callable ``ntk_fn(x1, x2, variables, **kwargs)`` dispatching to the chosen candidate."""
+
+  def __init__(self, candidates: Mapping[Any, Callable[..., PyTree]]):
+    self.candidates = dict(candidates)
+    self.cache: dict[Any, tuple[Any, Any]] = {}
+    self.last_estimates: list[Estimate] = []
+
+  def _key(self, x1: PyTree, x2: PyTree, variables: Any, dyn: list, treedef: Any,
+           static: tuple) -> Any:
+    def sig(tree: PyTree) -> Any:
+      leaves, td = jax.tree_util.tree_flatten(tree)
+      return td, tuple((np.shape(x), str(jax.dtypes.result_type(x))) if hasattr(x, "shape")
+                       else _hashable(x) for x in leaves)
+    return (sig(x1), sig(x2), sig(variables), sig(dyn), treedef,
+            tuple(_hashable(s) for s in static), jax.default_backend())
+
+  def choose(self, x1: PyTree, x2: PyTree, variables: Any, kwargs: Mapping[str, Any]
+             ) -> Any:
+    """Returns the implementation ``auto`` uses for these arguments."""
+    dyn, treedef, static = _partition_kwargs(kwargs)
+    return self._select(x1, x2, variables, dyn, treedef, static)[0]
+
+  def _select(self, x1: PyTree, x2: PyTree, variables: Any, dyn: list, treedef: Any,
+              static: tuple) -> tuple[Any, Any]:
+    key = self._key(x1, x2, variables, dyn, treedef, static)
+    if key in self.cache:
+      return self.cache[key]
+    platform = jax.default_backend()
+    abstract = (_abstract(x1), _abstract(x2), _abstract(variables), _abstract(dyn))
+    estimates = []
+    for impl, cand in self.candidates.items():
+      def fn(a: PyTree, b: PyTree, v: Any, d: list, cand: Callable = cand) -> PyTree:
+        return cand(a, b, v, **_merge_kwargs(d, treedef, static))
+      estimates.append(estimate(impl, fn, abstract, platform))
+    limit = 0.8 * _device_memory()
+    fitting = [e for e in estimates if e.temp_bytes <= limit] or [
+        min(estimates, key=lambda e: e.temp_bytes)]
+    fitting.sort(key=lambda e: e.seconds)
+    best = fitting[0]
+    concrete = not _is_traced((x1, x2, variables, dyn))
+    if concrete and len(fitting) > 1:
+      close = [e for e in fitting if e.seconds <= MEASURE_WITHIN * best.seconds]
+      if len(close) > 1:
+        args = (x1, x2, variables, dyn)
+        for e in close:
+          e.measured = _time(e.compiled, args)
+        best = min(close, key=lambda e: e.measured)
+    self.last_estimates = estimates
+    self.cache[key] = (best.implementation, best.compiled)
+    return self.cache[key]
+
+  def __call__(self, x1: PyTree, x2: PyTree | None, variables: Any, **kwargs: Any) -> PyTree:
+    dyn, treedef, static = _partition_kwargs(kwargs)
+    impl, compiled = self._select(x1, x2, variables, dyn, treedef, static)
+    if _is_traced((x1, x2, variables, dyn)):
+      return self.candidates[impl](x1, x2, variables, **kwargs)
+    return compiled(x1, x2, variables, dyn)
+
+
+def auto_ntk_fn(candidates: Mapping[Any, Callable[..., PyTree]]) -> _AutoNtk:
+  """Wraps NTK candidates ``{implementation: ntk_fn}`` into the ``auto`` dispatcher."""
+  return _AutoNtk(candidates)

@@ -211,15 +211,17 @@ def pair_expectation(fa: Callable, fb: Callable, c, va, vb, ma, mb, points: int 
   resid = _safe_sqrt(vb - slope * slope)
   expand = lambda t: jnp.asarray(t)[..., None]
 
-  def one_outer(x, w):
+  def one_outer(total, node):
+    x, w = node
     u = expand(ma + sa * x)
     v = expand(mb + slope * x) + expand(resid) * nodes
     inner = jnp.sum(fb(v) * weights, axis=-1)
-    return w * fa(u)[..., 0] * inner
+    return total + w * fa(u)[..., 0] * inner, None
 
-  total = jnp.zeros(jnp.broadcast_shapes(*(jnp.shape(t) for t in (c, va, vb, ma, mb))), dtype)
-  for i in range(points):  # unrolled: q is small and this keeps memory at O(batch * q)
-    total = total + one_outer(nodes[i], weights[i])
+  shape = jnp.broadcast_shapes(*(jnp.shape(t) for t in (c, va, vb, ma, mb)))
+  # A scan over the outer nodes keeps memory at O(batch * q) and the compiled
+  # program small (an unrolled loop over q nodes compiles very slowly).
+  total, _ = jax.lax.scan(one_outer, jnp.zeros(shape, dtype), (nodes, weights))
   return total
 
 
@@ -262,6 +264,11 @@ def recognize(phi: Callable[[jax.Array], jax.Array], dtype) -> Affine | None:
   derivatives at a few points, then checks the fit at ~55 probe points with a
   tolerance at the dtype's precision. Returns None if nothing matches.
   """
+  with jax.ensure_compile_time_eval():  # probes are concrete even inside a jit trace
+    return _recognize(phi, dtype)
+
+
+def _recognize(phi, dtype) -> Affine | None:
   with jax.ensure_compile_time_eval():  # probes are concrete even inside a jit trace
     return _recognize(phi, dtype)
 

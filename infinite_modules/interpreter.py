@@ -155,7 +155,13 @@ _ALWAYS_RULE: set[str] = set()
 def evaluate_concrete(eqn: Eqn, invals) -> list:
   """Evaluates a primitive on both batches (values depending on inputs only)."""
   in_batch = any(v.batch_axis is not None for v in invals)
-  outs1 = _bind(eqn.e1, [v.v1 for v in invals])
+  if not in_batch and not any(isinstance(v.v1, jax.core.Tracer) for v in invals):
+    # Input-independent constants (e.g. BatchNorm running statistics) stay
+    # concrete even inside a jit trace, so their values can be checked.
+    with jax.ensure_compile_time_eval():
+      outs1 = _bind(eqn.e1, [v.v1 for v in invals])
+  else:
+    outs1 = _bind(eqn.e1, [v.v1 for v in invals])
   if all(v.batch_axis is None for v in invals):
     outs2 = outs1
   else:

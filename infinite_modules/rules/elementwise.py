@@ -60,6 +60,12 @@ def _param_rule(interp, eqn, invals):
 
 
 def _scaled(ref: ParamRef, factor) -> ParamRef:
+  # Constant factors (e.g. BatchNorm running statistics) stay concrete inside jit.
+  with jax.ensure_compile_time_eval():
+    return _scaled_eager(ref, factor)
+
+
+def _scaled_eager(ref: ParamRef, factor) -> ParamRef:
   if isinstance(factor, Concrete) or isinstance(ref.factor, Concrete):
     if isinstance(ref.factor, Concrete) and isinstance(factor, Concrete):
       new = Concrete(jnp.asarray(ref.factor.v1) * factor.v1, jnp.asarray(ref.factor.v2) * factor.v2,

@@ -206,9 +206,11 @@ def _per_channel(eqn, field: Field, ref: ParamRef, what: str):
   if len(ref.shape) > rank:
     raise eqn.error(f"the {what} `{ref.path}` has more axes than the field.")
   offset = rank - len(ref.shape)
-  wide = [i for i, s in enumerate(ref.shape) if s != 1]
-  ok = (int(np.prod(ref.shape)) == field.root.channels
-        and all(field.axes[offset + i] == ("c",) and ref.leaf_axes[i] is not None for i in wide))
+  # Axes without a leaf axis are broadcast (the same value at every example or
+  # position); the leaf's own axes must lie along the channel axis.
+  mapped = [i for i, la in enumerate(ref.leaf_axes) if la is not None and ref.shape[i] != 1]
+  size = int(np.prod([ref.shape[i] for i in mapped]))
+  ok = size == field.root.channels and all(field.axes[offset + i] == ("c",) for i in mapped)
   if not ok:
     raise eqn.error(
         f"the {what} `{ref.path}` must vary exactly along the field's channel axis (one value "

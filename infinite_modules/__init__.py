@@ -5,17 +5,15 @@
     ntk = kernel_fn(x1, x2, get="ntk")
 """
 
-try:
-  from infinite_modules import predict
-except ImportError:  # TEMP until predict lands
-  predict = None
+from infinite_modules import predict
 from infinite_modules.api import KernelFn, kernel_fn
 from infinite_modules.errors import InfiniteWidthError, PriorError, UnsupportedPrimitiveError
 from infinite_modules.interpreter import register_rule
 from infinite_modules.kernel import Kernel
+from infinite_modules.modules import LayerKernel, register_module
 from infinite_modules.priors import Prior, prior_from_initializer
 
 __all__ = [
     "InfiniteWidthError", "Kernel", "KernelFn", "Prior", "PriorError", "UnsupportedPrimitiveError",
-    "kernel_fn", "predict", "prior_from_initializer", "register_rule",
+    "LayerKernel", "kernel_fn", "predict", "register_module", "prior_from_initializer", "register_rule",
 ]

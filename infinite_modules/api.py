@@ -17,6 +17,7 @@ from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.interpreter import Interpreter, run_jaxpr
 from infinite_modules.kernel import Kernel, select
 from infinite_modules.models import as_traceable
+from infinite_modules.modules import intercept_registered_modules
 from infinite_modules.moments import NeedFullLayout
 from infinite_modules.priors import Prior
 from infinite_modules.values import Concrete, Field, ParamRef
@@ -92,8 +93,8 @@ class KernelFn:
     params = jax.tree_util.tree_unflatten(
         self._treedef, [jax.ShapeDtypeStruct(s, dtype) for s in self._shapes])
     x = jax.ShapeDtypeStruct((n, *self._feature_shape), dtype)
-    params_cast = lambda p, xx: self._traceable.apply(p, xx)
-    return jax.make_jaxpr(params_cast)(params, x)
+    with intercept_registered_modules():
+      return jax.make_jaxpr(self._traceable.apply)(params, x)
 
   def _kernel(self, x1, x2, *, full: bool) -> Kernel:
     dtype = x1.dtype

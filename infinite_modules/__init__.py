@@ -7,6 +7,7 @@
 
 from infinite_modules import predict
 from infinite_modules.api import KernelFn, kernel_fn
+from infinite_modules.batching import batch
 from infinite_modules.errors import InfiniteWidthError, PriorError, UnsupportedPrimitiveError
 from infinite_modules.interpreter import register_rule
 from infinite_modules.kernel import Kernel
@@ -15,5 +16,5 @@ from infinite_modules.priors import Prior, prior_from_initializer
 
 __all__ = [
     "InfiniteWidthError", "Kernel", "KernelFn", "Prior", "PriorError", "UnsupportedPrimitiveError",
-    "LayerKernel", "kernel_fn", "predict", "register_module", "prior_from_initializer", "register_rule",
+    "LayerKernel", "batch", "kernel_fn", "predict", "register_module", "prior_from_initializer", "register_rule",
 ]

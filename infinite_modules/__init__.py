@@ -15,6 +15,17 @@ from infinite_modules.modules import LayerKernel, register_module
 from infinite_modules.priors import Prior, prior_from_initializer
 
 __all__ = [
-    "InfiniteWidthError", "Kernel", "KernelFn", "Prior", "PriorError", "UnsupportedPrimitiveError",
-    "LayerKernel", "batch", "kernel_fn", "predict", "register_module", "prior_from_initializer", "register_rule",
+    "InfiniteWidthError",
+    "Kernel",
+    "KernelFn",
+    "LayerKernel",
+    "Prior",
+    "PriorError",
+    "UnsupportedPrimitiveError",
+    "batch",
+    "kernel_fn",
+    "predict",
+    "prior_from_initializer",
+    "register_module",
+    "register_rule",
 ]

@@ -27,12 +27,7 @@ Z = ("z",)
 
 # Elementwise primitives that may appear in phi. Names, so that new jax
 # versions that rename a primitive fail loudly (unsupported) rather than wrongly.
-ELEMENTWISE = frozenset("""
-abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type copy copy_p
-cos cosh div erf erf_inv erfc exp exp2 expm1 floor integer_pow is_finite log log1p logistic
-max min mul neg nextafter pow reduce_precision round rsqrt select_n sign sin sinh sqrt square
-sub tan tanh eq ne ge gt le lt and or not xor
-""".split())
+ELEMENTWISE = frozenset(["abs", "acos", "acosh", "add", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "div", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "integer_pow", "is_finite", "log", "log1p", "logistic", "max", "min", "mul", "neg", "nextafter", "pow", "reduce_precision", "round", "rsqrt", "select_n", "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "eq", "ne", "ge", "gt", "le", "lt", "and", "or", "not", "xor"])
 
 _AFFINE_PASS = frozenset({"neg", "convert_element_type", "copy", "copy_p", "reduce_precision"})
 
@@ -277,5 +272,5 @@ def means(root: Root, expr, full: bool, points: int):
       raise NotGaussianError()
     v = diag_of(var, d, full) - m * m
     trailing = _with_trailing(cvals)
-    out.append(ex.expectation(lambda t: evaluate(expr, t, trailing), v, m, points))
+    out.append(ex.expectation(lambda t, c=trailing: evaluate(expr, t, c), v, m, points))
   return tuple(out)

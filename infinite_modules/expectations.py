@@ -286,7 +286,7 @@ def _recognize(phi, dtype) -> Affine | None:
     for _ in range(4):
       g = d1(g)
       derivs.append(float(np.asarray(g(at0))[0]))
-  except Exception:  # phi cannot be evaluated on probe arrays: not a simple function
+  except Exception:  # noqa: BLE001  (phi not evaluable on probes: not a closed form)
     return None
   if not np.all(np.isfinite(values)):
     return None

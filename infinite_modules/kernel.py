@@ -26,8 +26,8 @@ class Kernel:
   ntk: jax.Array
   cov1: jax.Array
   cov2: jax.Array
-  shape1: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  shape2: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+  shape1: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+  shape2: tuple[int, ...] = dataclasses.field(metadata={"static": True})
 
 
 _GET_NAMES = ("nngp", "ntk", "cov1", "cov2")

@@ -22,7 +22,6 @@ from infinite_modules.rules.axes import from_location
 from infinite_modules.rules.linear import materialize
 from infinite_modules.values import Concrete, Field, ParamRef, Root, atom_size
 
-
 # ---------------------------------------------------------------- regrouping
 
 def _regroup_field(interp: Interpreter, eqn, field: Field, new_shape) -> Field:

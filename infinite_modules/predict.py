@@ -47,9 +47,10 @@ Numerics
   numerically positive definite, the Cholesky factor is non-finite; instead of returning NaNs
   the solve falls back to the eigendecomposition pseudo-inverse (eigenvalues at or below
   ``n * eps * max|eigenvalue|`` are dropped), which is the infinite-time limit of gradient
-  flow on the kernel's range. Outside ``jit`` a ``UserWarning`` suggests ``diag_reg``; inside
-  ``jit`` the fallback is silent (``lax.cond``). A kernel containing NaN/inf raises
-  ``ValueError`` (when it is concrete).
+  flow on the kernel's range. When the kernel is concrete this is decided once, with a
+  ``UserWarning`` suggesting ``diag_reg``; when the kernel is traced (built inside
+  ``jit``/``grad``) it is decided at run time by ``lax.cond``, silently. A concrete kernel
+  containing NaN/inf raises ``ValueError``.
 * Finite times use one symmetric eigendecomposition, reused for all times. Eigenvalues
   :math:`\le 0` (round-off of a PSD kernel) are clipped to 0; their directions do not move
   (Neural Tangents does the same for negative ones and returns NaN for exact zeros).
@@ -64,14 +65,17 @@ Differences from Neural Tangents (all additive)
 * ``gradient_descent``: times may be in any order (NT requires increasing); ``t=None``/inf
   raises ``ValueError`` (NT's ODE solve never terminates); ``rtol``/``atol``/``mxstep`` are
   exposed.
-* Shape mismatches between ``y_train`` and kernels raise ``ValueError`` naming the shapes.
-* A zero eigenvalue gives 0 instead of NaN (see above).
+* Shape mismatches between ``y_train`` and kernels raise ``ValueError`` naming the shapes; an
+  unsupported ``get`` raises ``ValueError`` (NT: ``NotImplementedError`` in the ensemble).
+* A zero eigenvalue gives 0 instead of NaN, a non-positive-definite kernel the pseudo-inverse
+  instead of NaN (see above).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -80,6 +84,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 import jax.scipy as jsp
+import numpy as np
 from jax.experimental import ode
 
 __all__ = [
@@ -207,15 +212,14 @@ def gradient_descent_mse(
       y_train.shape)`` without ``trace_axes``; for regularised train-set predictions pass
       ``k_test_train=k_train_train`` and ``fx_test_0=fx_train_0``.
     """
-    layout = _Layout(y_train, trace_axes)
+    layout = _Layout.make(y_train, trace_axes)
     k_train_train = _as_kernel_array(k_train_train, "k_train_train")
     layout.check_kernel(k_train_train, "k_train_train", square=True)
     y_train = jnp.asarray(y_train)
     dtype = _float_dtype(k_train_train, y_train)
-    factors = _TrainFactors(
-        lambda _: k_train_train, diag_reg, diag_reg_absolute_scale, "k_train_train"
-    )
-    size = y_train.size
+    factors = _TrainFactors(lambda _: k_train_train, diag_reg, diag_reg_absolute_scale,
+                            "k_train_train", inputs=k_train_train)
+    scale = learning_rate / y_train.size
 
     def predict_fn(
         t: ArrayOrScalar = None,
@@ -225,38 +229,29 @@ def gradient_descent_mse(
     ) -> Array | tuple[Array, Array]:
         """Train [and test] outputs at time[s] ``t`` (``None`` = convergence)."""
         _check_inputs(fx_train_0, fx_test_0, k_test_train)
-        test_shape = None
-        if fx_test_0 is not None:
+        if fx_train_0 is not None:
+            fx_train_0 = jnp.asarray(fx_train_0)
+            _check_broadcast(fx_train_0, y_train.shape, "fx_train_0")
+        if fx_test_0 is None:
+            k_test_train = None
+        else:
+            fx_test_0 = jnp.asarray(fx_test_0)
             k_test_train = _as_kernel_array(k_test_train, "k_test_train")
             test_shape = layout.check_kernel(k_test_train, "k_test_train", square=False)
-            fx_test_0 = _broadcast(fx_test_0, layout.output_shape(test_shape), "fx_test_0", dtype)
-        f0 = None if fx_train_0 is None else _broadcast(
-            fx_train_0, y_train.shape, "fx_train_0", dtype)
-        # residual y - f(0) as a matrix: rows = non-traced entries, columns = traced entries
-        resid = layout.to_2d(y_train.astype(dtype) if f0 is None else y_train - f0)
+            _check_broadcast(fx_test_0, layout.output_shape(test_shape), "fx_test_0")
 
         if t is None:
-            fx_train_t = None if f0 is None else y_train.astype(dtype)
+            fx_train_t = None if fx_train_0 is None else y_train.astype(dtype)
             fx_test_t = None
             if fx_test_0 is not None:
-                delta = _to_2d(k_test_train).astype(dtype) @ factors.solve("ntk", resid)
-                fx_test_t = fx_test_0 + layout.from_2d(delta, test_shape)
+                solver, sargs = factors.solver("ntk")
+                fx_test_t = _mse_infinite(sargs, y_train, fx_train_0, fx_test_0, k_test_train,
+                                          solver=solver, layout=layout, dtype=dtype)
             return _pack(fx_train_t, fx_test_t)
 
-        t = jnp.asarray(t, dtype)
-        t_shape = t.shape
-        tau = (t.reshape(-1, 1) * learning_rate / size).astype(dtype)
         evals, evecs = factors.eigh("ntk")
-        coef = evecs.T @ resid  # (p, c)
-        fx_train_t = fx_test_t = None
-        if f0 is not None:
-            delta = jnp.einsum("ji,ti,ic->tjc", evecs, _one_minus_decay(evals, tau), coef)
-            fx_train_t = f0 + layout.from_2d(delta, layout.non_trace_shape, t_shape)
-        if fx_test_0 is not None:
-            b = _to_2d(k_test_train).astype(dtype) @ evecs
-            delta = jnp.einsum("qi,ti,ic->tqc", b, _phi(evals, tau), coef)
-            fx_test_t = fx_test_0 + layout.from_2d(delta, test_shape, t_shape)
-        return _pack(fx_train_t, fx_test_t)
+        return _pack(*_mse_finite(evals, evecs, y_train, fx_train_0, fx_test_0, k_test_train,
+                                  jnp.asarray(t, dtype), scale, layout=layout, dtype=dtype))
 
     return predict_fn
 
@@ -314,18 +309,45 @@ def gradient_descent(
       instead of ``fx_train_0`` returns the full ``ODEState`` (with momentum velocities). With
       ``fx_train_0=None`` the training outputs start at 0 and only test outputs are returned.
     """
-    layout = _Layout(y_train, trace_axes)
+    layout = _Layout.make(y_train, trace_axes)
     k_train_train = _as_kernel_array(k_train_train, "k_train_train")
     layout.check_kernel(k_train_train, "k_train_train", square=True)
     y_train = jnp.asarray(y_train)
     dtype = _float_dtype(k_train_train, y_train)
-    grad_loss = jax.grad(lambda fx: loss(fx, y_train))
+    grad_loss = jax.grad(loss)
 
     time_scale = learning_rate if momentum is None else learning_rate**0.5
     damping = None if momentum is None else (momentum - 1.0) / learning_rate**0.5
 
-    def kernel_action(k: Array, g: Array, out_shape: tuple[int, ...]) -> Array:
-        return layout.from_2d(_to_2d(k).astype(dtype) @ layout.to_2d(g), out_shape)
+    def kernel_action(k: Array, g: Array) -> Array:
+        return layout.from_2d(_to_2d(k).astype(dtype) @ layout.to_2d(g), k.shape[::2])
+
+    def dstate_dt(state: ODEState, unused_t: Array, k_dd: Array, y: Array,
+                  k_td: Array | None) -> ODEState:
+        g = grad_loss(state.fx_train, y)
+        df_train = -kernel_action(k_dd, g)
+        df_test = None if state.fx_test is None else -kernel_action(k_td, g)
+        if momentum is None:
+            return ODEState(df_train, df_test)
+        dq_train = df_train + damping * state.qx_train
+        dq_test = None if df_test is None else df_test + damping * state.qx_test
+        return ODEState(state.qx_train, state.qx_test, dq_train, dq_test)
+
+    @jax.jit
+    def solve(k_dd: Array, y: Array, state_0: ODEState, t: Array, k_td: Array | None
+              ) -> ODEState:
+        state_0 = jax.tree_util.tree_map(lambda x: x.astype(dtype), state_0)
+        flat = t.reshape(-1) * time_scale
+        order = jnp.argsort(flat)
+        ts = flat[order]
+        # odeint evaluates the initial state at its first time, which must differ from the
+        # next one: start slightly below 0 when t=0 is requested (as Neural Tangents does).
+        start = jnp.where(ts[:1] > 0, jnp.zeros((1,), dtype), jnp.full((1,), -1e-24, dtype))
+        states = ode.odeint(dstate_dt, state_0, jnp.concatenate([start, ts]), k_dd, y, k_td,
+                            rtol=rtol, atol=atol, mxstep=mxstep)
+        inverse = jnp.argsort(order)
+        return jax.tree_util.tree_map(
+            lambda x: x[1:][inverse].reshape(t.shape + x.shape[1:]), states)
 
     def predict_fn(
         t: ArrayOrScalar = None,
@@ -343,8 +365,8 @@ def gradient_descent(
         is_state = isinstance(fx_train_or_state_0, ODEState)
         if is_state:
             s = fx_train_or_state_0
-            fx_train_0, fx_test_0, qx_train_0, qx_test_0 = s.fx_train, s.fx_test, s.qx_train, \
-                s.qx_test
+            fx_train_0, fx_test_0 = s.fx_train, s.fx_test
+            qx_train_0, qx_test_0 = s.qx_train, s.qx_test
         else:
             fx_train_0, qx_train_0, qx_test_0 = fx_train_or_state_0, None, None
         if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
@@ -352,52 +374,34 @@ def gradient_descent(
                              "`momentum is None`.")
 
         test_shape = None
-        if fx_test_0 is not None:
+        if fx_test_0 is None:
+            k_test_train = None
+        else:
             k_test_train = _as_kernel_array(k_test_train, "k_test_train")
-            test_shape = layout.check_kernel(k_test_train, "k_test_train", square=False)
-        full_test_shape = None if test_shape is None else layout.output_shape(test_shape)
+            test_shape = layout.output_shape(
+                layout.check_kernel(k_test_train, "k_test_train", square=False))
 
-        f_train = (jnp.zeros(y_train.shape, dtype) if fx_train_0 is None
-                   else _broadcast(fx_train_0, y_train.shape, "fx_train_0", dtype))
-        f_test = (None if fx_test_0 is None
-                  else _broadcast(fx_test_0, full_test_shape, "fx_test_0", dtype))
+        def init(x: Any, shape: tuple[int, ...], name: str) -> Array:
+            if x is None:
+                return jnp.zeros(shape, dtype)
+            x = jnp.asarray(x)
+            _check_broadcast(x, shape, name)
+            return jnp.broadcast_to(x, shape)
+
+        f_train = init(fx_train_0, y_train.shape, "fx_train_0")
+        f_test = None if test_shape is None else init(fx_test_0, test_shape, "fx_test_0")
         q_train = q_test = None
         if momentum is not None:
-            q_train = (jnp.zeros(y_train.shape, dtype) if qx_train_0 is None
-                       else _broadcast(qx_train_0, y_train.shape, "qx_train", dtype))
-            if f_test is not None:
-                q_test = (jnp.zeros(full_test_shape, dtype) if qx_test_0 is None
-                          else _broadcast(qx_test_0, full_test_shape, "qx_test", dtype))
-        state_0 = ODEState(f_train, f_test, q_train, q_test)
-
-        def dstate_dt(state: ODEState, unused_t: Array) -> ODEState:
-            g = grad_loss(state.fx_train)
-            df_train = -kernel_action(k_train_train, g, layout.non_trace_shape)
-            df_test = (None if state.fx_test is None
-                       else -kernel_action(k_test_train, g, test_shape))
-            if momentum is None:
-                return ODEState(df_train, df_test)
-            dq_train = df_train + damping * state.qx_train
-            dq_test = None if df_test is None else df_test + damping * state.qx_test
-            return ODEState(state.qx_train, state.qx_test, dq_train, dq_test)
+            q_train = init(qx_train_0, y_train.shape, "qx_train")
+            q_test = None if test_shape is None else init(qx_test_0, test_shape, "qx_test")
 
         t = jnp.asarray(t, dtype)
-        if not isinstance(t, jax.core.Tracer) and t.size and (
-                not bool(jnp.all(jnp.isfinite(t))) or bool(jnp.any(t < 0))):
-            raise ValueError(f"gradient_descent needs finite, non-negative times; got t={t}.")
-        t_shape = t.shape
-        t = t.reshape(-1) * time_scale
-        order = jnp.argsort(t)
-        ts = t[order]
-        # odeint evaluates the initial state at its first time and needs that time to differ
-        # from the next one; nudge the start below 0 when t=0 is requested.
-        start = jnp.where(ts[:1] > 0, jnp.zeros((1,), dtype), jnp.full((1,), -1e-24, dtype))
-        states = ode.odeint(dstate_dt, state_0, jnp.concatenate([start, ts]),
-                            rtol=rtol, atol=atol, mxstep=mxstep)
-        inverse = jnp.argsort(order)
-        states = jax.tree_util.tree_map(
-            lambda x: x[1:][inverse].reshape(t_shape + x.shape[1:]), states)
-
+        if _is_concrete(t):
+            t_host = np.asarray(t)
+            if not (np.all(np.isfinite(t_host)) and np.all(t_host >= 0)):
+                raise ValueError(f"gradient_descent needs finite, non-negative times; got t={t}.")
+        states = solve(k_train_train, y_train, ODEState(f_train, f_test, q_train, q_test), t,
+                       k_test_train)
         if is_state:
             return states
         if fx_train_0 is None:
@@ -456,7 +460,7 @@ def gp_inference(
       ``k_test_train=None`` means the training set (``N(y_train, 0)``; pass any non-``None``
       ``k_test_test`` such as ``True`` for the zero covariance).
     """
-    layout = _Layout(y_train, trace_axes)
+    layout = _Layout.make(y_train, trace_axes)
     y_train = jnp.asarray(y_train)
 
     def train_kernel(g: str) -> Array:
@@ -464,7 +468,8 @@ def gp_inference(
         layout.check_kernel(k, "k_train_train", square=True)
         return k
 
-    factors = _TrainFactors(train_kernel, diag_reg, diag_reg_absolute_scale, "k_train_train")
+    factors = _TrainFactors(train_kernel, diag_reg, diag_reg_absolute_scale, "k_train_train",
+                            inputs=k_train_train)
 
     def predict_fn(get: Get = None, k_test_train: Any = None, k_test_test: Any = None) -> Any:
         """Posterior mean [and covariance] on the test set (or the training set)."""
@@ -492,11 +497,10 @@ def _gp_posterior(factors: _TrainFactors, layout: _Layout, y_train: Array, train
 
         k_td = _kernel_attr(k_test_train, k, "k_test_train")
         test_shape = layout.check_kernel(k_td, "k_test_train", square=False)
-        k_td2 = _to_2d(k_td)
-        y2 = layout.to_2d(y_train.astype(dtype))
-        mean = layout.from_2d(k_td2 @ factors.solve(k, y2), test_shape)
+        solver, sargs = factors.solver(k)
         if k_test_test is None:
-            out[g] = mean
+            out[g] = _gp_core(sargs, y_train, k_td, None, None, None, solver=solver,
+                              layout=layout, mode="mean", dtype=dtype)[0]
             continue
 
         if g == "ntk" and not (train_has_nngp and _has_nngp(k_test_train)):
@@ -508,16 +512,15 @@ def _gp_posterior(factors: _TrainFactors, layout: _Layout, y_train: Array, train
         g_init = "ntk" if g == "ntkgp" else "nngp"  # covariance of the outputs at init
         k_tt = _kernel_attr(k_test_test, g_init, "k_test_test")
         _check_square_test(k_tt, test_shape, "k_test_test")
-        k_tt2 = _to_2d(k_tt)
-        k_td_init2 = _to_2d(_kernel_attr(k_test_train, g_init, "k_test_train"))
-        if g in ("nngp", "ntkgp"):
-            cov = k_tt2 - k_td2 @ factors.solve(k, k_td_init2.T)
+        if g == "ntk":
+            nngp_td = _kernel_attr(k_test_train, "nngp", "k_test_train")
+            layout.check_kernel(nngp_td, "k_test_train.nngp", square=False)
+            mean, cov = _gp_core(sargs, y_train, k_td, nngp_td, k_tt, factors.kernel("nngp"),
+                                 solver=solver, layout=layout, mode="ntk", dtype=dtype)
         else:
-            nngp_dd = _to_2d(factors.kernel("nngp"))
-            a = factors.solve("ntk", k_td2.T)  # Theta^{-1} Theta_{X*}
-            cross = k_td2 @ factors.solve("ntk", k_td_init2.T)  # Theta_*X Theta^{-1} K_X*
-            cov = a.T @ nngp_dd @ a - cross - cross.T + k_tt2
-        out[g] = Gaussian(mean, _cov_from_2d(cov, test_shape))
+            mean, cov = _gp_core(sargs, y_train, k_td, None, k_tt, None, solver=solver,
+                                 layout=layout, mode="gp", dtype=dtype)
+        out[g] = Gaussian(mean, cov)
     return out
 
 
@@ -579,9 +582,9 @@ def gradient_descent_mse_ensemble(
       if ``get`` is a tuple or ``None`` (= ``("nngp", "ntk")``). ``x_test=None`` gives the
       training set; leading axes ``jnp.shape(t)``.
     """
-    layout = _Layout(y_train, trace_axes)
+    layout = _Layout.make(y_train, trace_axes)
     y_train = jnp.asarray(y_train)
-    size = y_train.size
+    scale = learning_rate / y_train.size
 
     def train_kernels(gets: tuple[str, ...]) -> dict[str, Array]:
         if len(gets) == 1:
@@ -596,7 +599,8 @@ def gradient_descent_mse_ensemble(
 
     factors = _TrainFactors(lambda g: train_kernels((g,))[g], diag_reg,
                             diag_reg_absolute_scale, "kernel_fn(x_train, None)",
-                            get_kernels=train_kernels)
+                            get_kernels=train_kernels,
+                            inputs=(x_train, kernel_fn_train_train_kwargs))
 
     def predict_fn(
         t: ArrayOrScalar = None,
@@ -633,45 +637,15 @@ def gradient_descent_mse_ensemble(
 
         dtype = _float_dtype(*[factors.kernel(g) for g in deps], y_train)
         t = jnp.asarray(t, dtype)
-        t_shape = t.shape
-        tau = (t.reshape(-1, 1) * learning_rate / size).astype(dtype)
-        y2 = layout.to_2d(y_train.astype(dtype))
-
         out = {}
         for g in gets:
             evals, evecs = factors.eigh(g)
-            coef = evecs.T @ y2
-            if k_td is None:
-                mean = jnp.einsum("ji,ti,ic->tjc", evecs, _one_minus_decay(evals, tau), coef)
-            else:
-                b = _to_2d(k_td[g]).astype(dtype) @ evecs  # (q, p)
-                mean = jnp.einsum("qi,ti,ic->tqc", b, _phi(evals, tau), coef)
-            mean = layout.from_2d(mean, test_shape, t_shape)
-            if not compute_cov:
-                out[g] = mean
-                continue
-
-            nngp_dd = _to_2d(factors.kernel("nngp")).astype(dtype)
-            if k_td is None:
-                if g == "nngp":
-                    decay2 = jnp.where(evals > 0, evals, 0) * _decay(evals, 2 * tau)
-                    cov = jnp.einsum("ji,ti,ki->tjk", evecs, decay2, evecs)
-                else:
-                    e = jnp.einsum("ji,ti,ki->tjk", evecs, _decay(evals, tau), evecs)
-                    cov = e @ nngp_dd @ e
-            else:
-                nngp_tt2 = _to_2d(nngp_tt).astype(dtype)
-                if g == "nngp":
-                    cov = nngp_tt2 - jnp.einsum("qi,ti,ri->tqr", b, _phi(evals, 2 * tau), b)
-                else:
-                    nngp_td2 = _to_2d(k_td["nngp"]).astype(dtype)
-                    # a_t = V phi V^T Theta_{X*}: (t, p, q)
-                    a = jnp.einsum("ji,ti,qi->tjq", evecs, _phi(evals, tau), b)
-                    cross = jnp.einsum("qi,ti,ri->tqr", b, _phi(evals, tau),
-                                       nngp_td2 @ evecs)
-                    cov = (jnp.swapaxes(a, -1, -2) @ nngp_dd @ a - cross
-                           - jnp.swapaxes(cross, -1, -2) + nngp_tt2)
-            out[g] = Gaussian(mean, _cov_from_2d(cov, test_shape, t_shape))
+            mean, cov = _ensemble_finite(
+                evals, evecs, y_train, t, scale, None if k_td is None else k_td[g],
+                factors.kernel("nngp") if compute_cov else None,
+                None if k_td is None or not compute_cov else k_td["nngp"], nngp_tt,
+                layout=layout, g=g, compute_cov=compute_cov, dtype=dtype)
+            out[g] = Gaussian(mean, cov) if compute_cov else mean
         return _format_get(out, is_str, "Gaussians")
 
     return predict_fn
@@ -701,12 +675,201 @@ def max_learning_rate(
     Returns:
       The maximal learning rate, a scalar array.
     """
-    k = _to_2d(jnp.asarray(ntk_train_train))
-    if k.shape[0] != k.shape[1]:
-        raise ValueError(f"ntk_train_train must be square after flattening; got {k.shape}.")
-    factor = k.shape[0] if y_train_size is None else y_train_size
-    lam_max = jnp.linalg.eigvalsh(k)[-1]
-    return 2 * (1 + momentum) * factor / (lam_max + eps)
+    k = jnp.asarray(ntk_train_train)
+    rows, cols = math.prod(k.shape[::2]), math.prod(k.shape[1::2])
+    if k.ndim % 2 or rows != cols:
+        raise ValueError(f"ntk_train_train must be a square kernel; got shape {k.shape}.")
+    factor = rows if y_train_size is None else y_train_size
+    return 2 * (1 + momentum) * factor / (_lambda_max(k) + eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical cores: each is one jitted function, so a prediction compiles a handful of XLA
+# programs per shape instead of one per primitive.
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("absolute",))
+def _regularize(k: Array, diag_reg: Any, absolute: bool) -> Array:
+    r"""2-D kernel plus :math:`\lambda I` (relative: ``diag_reg`` times the mean diagonal)."""
+    k = _to_2d(k)
+    k = k.astype(_float_dtype(k))
+    n = k.shape[0]
+    reg = diag_reg if absolute else diag_reg * jnp.trace(k) / n
+    return k + reg * jnp.eye(n, dtype=k.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("absolute",))
+def _factor_cholesky(k: Array, diag_reg: Any, absolute: bool
+                     ) -> tuple[Array, Array, Array, Array]:
+    a = _regularize(k, diag_reg, absolute)
+    chol = jnp.linalg.cholesky(a)
+    return a, chol, jnp.all(jnp.isfinite(chol)), jnp.all(jnp.isfinite(k))
+
+
+@functools.partial(jax.jit, static_argnames=("absolute",))
+def _factor_eigh(k: Array, diag_reg: Any, absolute: bool) -> tuple[Array, Array, Array]:
+    evals, evecs = jnp.linalg.eigh(_regularize(k, diag_reg, absolute))
+    return evals, evecs, jnp.all(jnp.isfinite(k))
+
+
+def _solve(solver: str, sargs: tuple[Array, ...], b: Array) -> Array:
+    """``K^{-1} b`` for the regularised train kernel, with the factors from
+    :meth:`_TrainFactors.solver`: ``"chol"`` (Cholesky), ``"pinv"`` (Cholesky failed:
+    eigen pseudo-inverse) or ``"cond"`` (not known before run time: ``lax.cond``)."""
+    if solver == "pinv":
+        evals, evecs = sargs
+        return _pinv_apply(evals, evecs, b.astype(jnp.result_type(evecs.dtype, b.dtype)))
+    chol = sargs[1] if solver == "cond" else sargs[0]
+    b = b.astype(jnp.result_type(chol.dtype, b.dtype))
+
+    def cho(b: Array) -> Array:
+        return jsp.linalg.cho_solve((chol, True), b)
+
+    if solver == "chol":
+        return cho(b)
+    a, _, ok = sargs
+
+    def pinv(b: Array) -> Array:
+        evals, evecs = jnp.linalg.eigh(a)
+        return _pinv_apply(evals, evecs, b)
+
+    return jax.lax.cond(ok, cho, pinv, b)
+
+
+def _pinv_apply(evals: Array, evecs: Array, b: Array) -> Array:
+    cutoff = evals.shape[0] * jnp.finfo(evals.dtype).eps * jnp.max(jnp.abs(evals))
+    keep = evals > cutoff
+    inv = jnp.where(keep, 1 / jnp.where(keep, evals, 1), 0)
+    return evecs @ (inv[:, None] * (evecs.T @ b))
+
+
+@functools.partial(jax.jit, static_argnames=("solver", "layout", "dtype"))
+def _mse_infinite(sargs: tuple[Array, ...], y: Array, f0: Array | None, ft0: Array,
+                  k_td: Array, *, solver: str, layout: _Layout, dtype: Any) -> Array:
+    resid = y if f0 is None else y - f0
+    test_shape = k_td.shape[::2]
+    delta = _to_2d(k_td).astype(dtype) @ _solve(solver, sargs,
+                                                layout.to_2d(resid.astype(dtype)))
+    ft0 = jnp.broadcast_to(ft0, layout.output_shape(test_shape)).astype(dtype)
+    return ft0 + layout.from_2d(delta.astype(dtype), test_shape)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "dtype"))
+def _mse_finite(evals: Array, evecs: Array, y: Array, f0: Array | None, ft0: Array | None,
+                k_td: Array | None, t: Array, scale: Any, *, layout: _Layout, dtype: Any
+                ) -> tuple[Array | None, Array | None]:
+    tau = (t.reshape(-1, 1) * scale).astype(dtype)
+    evals, evecs = evals[None].astype(dtype), evecs.astype(dtype)
+    resid = (y if f0 is None else y - f0).astype(dtype)
+    coef = evecs.T @ layout.to_2d(resid)  # (p, c)
+    fx_train = fx_test = None
+    if f0 is not None:
+        delta = jnp.einsum("ji,ti,ic->tjc", evecs, _one_minus_decay(evals, tau), coef)
+        fx_train = (jnp.broadcast_to(f0, y.shape).astype(dtype)
+                    + layout.from_2d(delta, layout.non_trace_shape, t.shape))
+    if ft0 is not None:
+        test_shape = k_td.shape[::2]
+        b = _to_2d(k_td).astype(dtype) @ evecs
+        delta = jnp.einsum("qi,ti,ic->tqc", b, _phi(evals, tau), coef)
+        ft0 = jnp.broadcast_to(ft0, layout.output_shape(test_shape)).astype(dtype)
+        fx_test = ft0 + layout.from_2d(delta, test_shape, t.shape)
+    return fx_train, fx_test
+
+
+@functools.partial(jax.jit, static_argnames=("solver", "layout", "mode", "dtype"))
+def _gp_core(sargs: tuple[Array, ...], y: Array, k_td: Array, nngp_td: Array | None,
+             k_tt: Array | None, nngp_dd: Array | None, *, solver: str, layout: _Layout,
+             mode: str, dtype: Any) -> tuple[Array, Array | None]:
+    """Posterior mean and (``mode`` "gp": GP; "ntk": NTK ensemble) covariance."""
+    test_shape = k_td.shape[::2]
+    k_td2 = _to_2d(k_td)
+    y2 = layout.to_2d(y.astype(dtype))
+    # one solve for all right-hand sides: [y, K_X*, (NNGP_X*)]
+    rhs = [y2] + ([] if mode == "mean" else [k_td2.T]) + (
+        [_to_2d(nngp_td).T] if mode == "ntk" else [])
+    sol = _solve(solver, sargs, jnp.concatenate(rhs, axis=1))
+    q = k_td2.shape[0]
+    mean = layout.from_2d((k_td2 @ sol[:, :y2.shape[1]]).astype(dtype), test_shape)
+    if mode == "mean":
+        return mean, None
+    inv_td = sol[:, y2.shape[1]:y2.shape[1] + q]  # K^{-1} K_X*
+    k_tt2 = _to_2d(k_tt)
+    if mode == "gp":
+        cov = k_tt2 - k_td2 @ inv_td
+    else:
+        cross = k_td2 @ sol[:, y2.shape[1] + q:]  # Theta_*X Theta^{-1} K_X*
+        cov = inv_td.T @ _to_2d(nngp_dd) @ inv_td - cross - cross.T + k_tt2
+    return mean, _cov_from_2d(cov.astype(dtype), test_shape)
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "g", "compute_cov", "dtype"))
+def _ensemble_finite(evals: Array, evecs: Array, y: Array, t: Array, scale: Any,
+                     k_td: Array | None, nngp_dd: Array | None, nngp_td: Array | None,
+                     nngp_tt: Array | None, *, layout: _Layout, g: str, compute_cov: bool,
+                     dtype: Any) -> tuple[Array, Array | None]:
+    """Ensemble mean [and covariance] at times ``t`` (formulas in the public docstring)."""
+    tau = (t.reshape(-1, 1) * scale).astype(dtype)
+    evals, evecs = evals[None].astype(dtype), evecs.astype(dtype)
+    coef = evecs.T @ layout.to_2d(y.astype(dtype))
+    if k_td is None:  # training set
+        test_shape = layout.non_trace_shape
+        mean = jnp.einsum("ji,ti,ic->tjc", evecs, _one_minus_decay(evals, tau), coef)
+    else:
+        test_shape = k_td.shape[::2]
+        b = _to_2d(k_td).astype(dtype) @ evecs  # (q, p)
+        mean = jnp.einsum("qi,ti,ic->tqc", b, _phi(evals, tau), coef)
+    mean = layout.from_2d(mean, test_shape, t.shape)
+    if not compute_cov:
+        return mean, None
+
+    nngp_dd = _to_2d(nngp_dd).astype(dtype)
+    if k_td is None:
+        if g == "nngp":  # K e^{-2 tau K}
+            decay2 = jnp.where(evals > 0, evals, 0) * _decay(evals, 2 * tau)
+            cov = jnp.einsum("ji,ti,ki->tjk", evecs, decay2, evecs)
+        else:  # e^{-tau Theta} K e^{-tau Theta}
+            e = jnp.einsum("ji,ti,ki->tjk", evecs, _decay(evals, tau), evecs)
+            cov = e @ nngp_dd @ e
+    else:
+        nngp_tt2 = _to_2d(nngp_tt).astype(dtype)
+        if g == "nngp":
+            cov = nngp_tt2 - jnp.einsum("qi,ti,ri->tqr", b, _phi(evals, 2 * tau), b)
+        else:
+            phi = _phi(evals, tau)
+            a = jnp.einsum("ji,ti,qi->tjq", evecs, phi, b)  # V phi V^T Theta_{X*}
+            cross = jnp.einsum("qi,ti,ri->tqr", b, phi, _to_2d(nngp_td).astype(dtype) @ evecs)
+            cov = (jnp.swapaxes(a, -1, -2) @ nngp_dd @ a - cross
+                   - jnp.swapaxes(cross, -1, -2) + nngp_tt2)
+    return mean, _cov_from_2d(cov, test_shape, t.shape)
+
+
+@jax.jit
+def _lambda_max(k: Array) -> Array:
+    return jnp.linalg.eigvalsh(_to_2d(k))[-1]
+
+
+# Functions of the eigenvalues. Directions with eigenvalue <= 0 (round-off of a PSD kernel) are
+# frozen: they neither decay nor move the test outputs; `safe` keeps tau = inf from making NaNs.
+
+
+def _decay(evals: Array, tau: Array) -> Array:
+    r""":math:`e^{-\tau\lambda}` for :math:`\lambda > 0`, else 1."""
+    pos = evals > 0
+    return jnp.where(pos, jnp.exp(-tau * jnp.where(pos, evals, 1)), 1)
+
+
+def _one_minus_decay(evals: Array, tau: Array) -> Array:
+    r""":math:`1 - e^{-\tau\lambda}` for :math:`\lambda > 0`, else 0."""
+    pos = evals > 0
+    return jnp.where(pos, -jnp.expm1(-tau * jnp.where(pos, evals, 1)), 0)
+
+
+def _phi(evals: Array, tau: Array) -> Array:
+    r""":math:`(1 - e^{-\tau\lambda})/\lambda` for :math:`\lambda > 0`, else 0."""
+    pos = evals > 0
+    safe = jnp.where(pos, evals, 1)
+    return jnp.where(pos, -jnp.expm1(-tau * safe) / safe, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,41 +885,54 @@ class _KernelPair:
         self.ntk = ntk
 
 
+@dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Axis bookkeeping for ``y_train`` and ``trace_axes`` (kernels <-> matrices)."""
+    """Axis bookkeeping for ``y_train`` and ``trace_axes`` (kernels <-> matrices); hashable."""
 
-    def __init__(self, y_train: Any, trace_axes: Axes):
-        shape = tuple(jnp.shape(y_train))
+    y_shape: tuple[int, ...]
+    trace_axes: tuple[int, ...]  # non-negative, sorted
+
+    @classmethod
+    def make(cls, y_train: Any, trace_axes: Axes) -> _Layout:
+        shape = tuple(int(d) for d in jnp.shape(y_train))
         ndim = len(shape)
         if ndim == 0:
             raise ValueError("y_train must have a batch axis; got a scalar.")
         axes = (trace_axes,) if isinstance(trace_axes, int) else tuple(trace_axes)
         canon = set()
         for a in axes:
-            if not isinstance(a, int) or not -ndim <= a < ndim:
+            if not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
                 raise ValueError(f"trace_axes={trace_axes!r} is invalid for y_train of shape "
                                  f"{shape}: each axis must be an int in [{-ndim}, {ndim}).")
-            canon.add(a % ndim)
+            canon.add(int(a) % ndim)
         if 0 in canon:
             raise ValueError(
                 f"trace_axes={trace_axes!r} includes the batch axis 0 of y_train (shape {shape})."
                 " For 1-D targets use trace_axes=() or reshape y_train to (n, 1).")
-        self.y_shape = shape
-        self.trace_axes = tuple(sorted(canon))  # non-negative, as written in errors
-        self.trace = tuple(a - ndim for a in self.trace_axes)  # negative: valid with lead axes
-        self.trace_shape = tuple(shape[a] for a in self.trace_axes)
-        self.non_trace_shape = tuple(s for i, s in enumerate(shape) if i not in canon)
-        self.n_cols = math.prod(self.trace_shape)
+        return cls(shape, tuple(sorted(canon)))
+
+    @property
+    def trace(self) -> tuple[int, ...]:
+        """Trace axes as negative indices: valid with extra leading (time) axes."""
+        return tuple(a - len(self.y_shape) for a in self.trace_axes)
+
+    @property
+    def trace_shape(self) -> tuple[int, ...]:
+        return tuple(self.y_shape[a] for a in self.trace_axes)
+
+    @property
+    def non_trace_shape(self) -> tuple[int, ...]:
+        return tuple(s for i, s in enumerate(self.y_shape) if i not in self.trace_axes)
 
     def to_2d(self, f: Array) -> Array:
         """``y``-like array -> (non-traced entries, traced entries)."""
         f = jnp.moveaxis(f, self.trace, tuple(range(-len(self.trace), 0)))
-        return f.reshape((-1, self.n_cols))
+        return f.reshape((-1, math.prod(self.trace_shape)))
 
     def from_2d(self, m: Array, non_trace_shape: tuple[int, ...],
                 lead: tuple[int, ...] = ()) -> Array:
         """(lead..., rows, traced entries) -> ``y``-like array with leading ``lead`` axes."""
-        m = m.reshape(lead + tuple(non_trace_shape) + self.trace_shape)
+        m = m.reshape(tuple(lead) + tuple(non_trace_shape) + self.trace_shape)
         return jnp.moveaxis(m, tuple(range(-len(self.trace), 0)), self.trace)
 
     def output_shape(self, non_trace_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -791,9 +967,18 @@ def _check_square_test(k: Any, test_shape: tuple[int, ...], name: str) -> None:
         raise ValueError(f"{name} has shape {shape}; expected {expected} to match k_test_train.")
 
 
+def _check_broadcast(x: Array, shape: tuple[int, ...], name: str) -> None:
+    try:
+        if np.broadcast_shapes(jnp.shape(x), shape) == shape:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"{name} has shape {jnp.shape(x)}, not broadcastable to the expected "
+                     f"output shape {shape}.")
+
+
 def _to_2d(k: Array) -> Array:
     """Interleaved kernel ``(a1, b1, a2, b2, ...)`` -> matrix ``(a1*a2*..., b1*b2*...)``."""
-    k = jnp.asarray(k)
     if k.ndim % 2:
         raise ValueError(f"A kernel must have an even number of axes; got shape {k.shape}.")
     half = k.ndim // 2
@@ -804,51 +989,20 @@ def _to_2d(k: Array) -> Array:
 def _cov_from_2d(cov: Array, shape: tuple[int, ...], lead: tuple[int, ...] = ()) -> Array:
     """``(lead..., P, P)`` -> ``lead + zip(shape, shape)`` (inverse of :func:`_to_2d`)."""
     n, ln = len(shape), len(lead)
-    cov = cov.reshape(lead + tuple(shape) * 2)
+    cov = cov.reshape(tuple(lead) + tuple(shape) * 2)
     return jnp.moveaxis(cov, tuple(range(ln + n, ln + 2 * n)), tuple(range(ln + 1, ln + 2 * n, 2)))
 
 
-# Functions of the eigenvalues. Directions with eigenvalue <= 0 (round-off of a PSD kernel) are
-# frozen: they neither decay nor move the test outputs; `safe` keeps tau = inf from making NaNs.
-
-
-def _decay(evals: Array, tau: Array) -> Array:
-    r""":math:`e^{-\tau\lambda}` for :math:`\lambda > 0`, else 1."""
-    pos = evals > 0
-    return jnp.where(pos, jnp.exp(-tau * jnp.where(pos, evals, 1)), 1)
-
-
-def _one_minus_decay(evals: Array, tau: Array) -> Array:
-    r""":math:`1 - e^{-\tau\lambda}` for :math:`\lambda > 0`, else 0."""
-    pos = evals > 0
-    return jnp.where(pos, -jnp.expm1(-tau * jnp.where(pos, evals, 1)), 0)
-
-
-def _phi(evals: Array, tau: Array) -> Array:
-    r""":math:`(1 - e^{-\tau\lambda})/\lambda` for :math:`\lambda > 0`, else 0."""
-    pos = evals > 0
-    safe = jnp.where(pos, evals, 1)
-    return jnp.where(pos, -jnp.expm1(-tau * safe) / safe, 0)
-
-
 def _float_dtype(*xs: Any) -> Any:
-    dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in xs])
+    dtype = jnp.result_type(*[x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+                              for x in xs])
     if not jnp.issubdtype(dtype, jnp.inexact):
         dtype = jnp.result_type(dtype, float)
-    return dtype
+    return np.dtype(dtype)
 
 
 def _is_concrete(*trees: Any) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
-
-
-def _broadcast(x: Any, shape: tuple[int, ...], name: str, dtype: Any) -> Array:
-    x = jnp.asarray(x)
-    try:
-        return jnp.broadcast_to(x, shape).astype(dtype)
-    except ValueError as e:
-        raise ValueError(f"{name} has shape {x.shape}, not broadcastable to the expected "
-                         f"output shape {shape}.") from e
 
 
 def _pack(fx_train: Array | None, fx_test: Array | None) -> Any:
@@ -887,8 +1041,7 @@ def _kernel_attr(k: Any, g: str, name: str) -> Array:
     """``k`` itself if an array, else ``k.<g>`` (``Kernel``/namedtuple)."""
     if k is None:
         raise ValueError(f"{name} is None but the {g!r} kernel is needed.")
-    if isinstance(k, (jax.Array, jnp.ndarray)) or hasattr(k, "__array__") and not (
-            hasattr(k, "nngp") or hasattr(k, "ntk")):
+    if not (hasattr(k, "nngp") or hasattr(k, "ntk")) and hasattr(k, "shape"):
         return jnp.asarray(k)
     v = getattr(k, g, None)
     if v is None:
@@ -951,47 +1104,56 @@ def _merge_kwargs(train_kw: dict[str, Any], test_kw: dict[str, Any]
 
     def is_arrays(v: Any) -> bool:
         leaves = jax.tree_util.tree_leaves(v)
-        return bool(leaves) and all(isinstance(x, (jax.Array, jnp.ndarray)) or
-                                    hasattr(x, "__array__") for x in leaves)
+        return bool(leaves) and all(hasattr(x, "shape") for x in leaves)
 
     def is_pair(v: Any) -> bool:
         return isinstance(v, tuple) and len(v) == 2
 
     for key, v_tt in test_kw.items():
+        v_td = v_tt
         if key in train_kw:
             v_dd = train_kw[key]
             if is_arrays(v_dd) and is_arrays(v_tt):
-                v_td = (v_tt[0], v_dd[0]) if is_pair(v_dd) and is_pair(v_tt) else v_tt
+                if is_pair(v_dd) and is_pair(v_tt):
+                    v_td = (v_tt[0], v_dd[0])
             elif v_dd is not v_tt and v_dd != v_tt:
                 raise ValueError(
                     f"kernel_fn keyword {key!r} is {v_dd!r} for the train-train kernel but "
                     f"{v_tt!r} for the test kernels; they must agree.")
-            else:
-                v_td = v_tt
-        else:
-            v_td = v_tt
         kw_td[key], kw_tt[key] = v_td, v_tt
     return kw_td, kw_tt
 
 
 class _TrainFactors:
-    """Lazily computed, cached factorisations of the regularised train-train kernel(s)."""
+    """Lazily computed, cached factorisations of the regularised train-train kernel(s).
+
+    Values computed from concrete inputs are cached (and computed eagerly even when first
+    requested inside ``jit``); values that depend on tracers are recomputed per call so that
+    no tracer outlives its trace.
+    """
 
     def __init__(self, get_kernel: Callable[[str], Array], diag_reg: float,
                  absolute: bool, name: str,
-                 get_kernels: Callable[[tuple[str, ...]], dict[str, Array]] | None = None):
+                 get_kernels: Callable[[tuple[str, ...]], dict[str, Array]] | None = None,
+                 inputs: Any = ()):
         self._get_kernel = get_kernel
+        self._inputs = inputs  # what the kernels are computed from (for concreteness)
         self._get_kernels = get_kernels
         self._diag_reg = diag_reg
-        self._absolute = absolute
+        self._absolute = bool(absolute)
         self._name = name
         self._cache: dict[tuple[str, str], Any] = {}
 
-    def _cached(self, key: tuple[str, str], compute: Callable[[], Any]) -> Any:
+    def _cached(self, key: tuple[str, str], compute: Callable[[], Any], inputs: Any) -> Any:
         if key in self._cache:
             return self._cache[key]
-        with jax.ensure_compile_time_eval():
-            value = compute()
+        value = compute()
+        if not _is_concrete(value) and _is_concrete(inputs):
+            # Called inside jit/grad on concrete data: compute it now, once, instead of
+            # staging it into every trace. (Not done by default: tracing a jitted function
+            # under ensure_compile_time_eval evaluates its constants op by op.)
+            with jax.ensure_compile_time_eval():
+                value = compute()
         if _is_concrete(value):
             self._cache[key] = value
         return value
@@ -1001,72 +1163,48 @@ class _TrainFactors:
         missing = tuple(g for g in gets if ("kernel", g) not in self._cache)
         if len(missing) < 2 or self._get_kernels is None:
             return
-        with jax.ensure_compile_time_eval():
-            ks = self._get_kernels(missing)
+        ks = self._cached(("kernels", ",".join(missing)), lambda: self._get_kernels(missing),
+                          self._inputs)
         for g in missing:
-            self._cached(("kernel", g), lambda g=g: self._checked(g, ks[g]))
+            self._cached(("kernel", g), lambda g=g: jnp.asarray(ks[g]), ks)
 
     def kernel(self, g: str) -> Array:
-        return self._cached(("kernel", g), lambda: self._checked(g))
+        return self._cached(("kernel", g), lambda: jnp.asarray(self._get_kernel(g)),
+                            self._inputs)
 
-    def _checked(self, g: str, k: Array | None = None) -> Array:
-        k = jnp.asarray(self._get_kernel(g) if k is None else k)
-        if _is_concrete(k) and not bool(jnp.all(jnp.isfinite(k))):
+    def _check_finite(self, g: str, finite: Array) -> None:
+        if _is_concrete(finite) and not bool(finite):
             raise ValueError(f"{self._name} ({g}) contains NaN or inf.")
-        return k
 
-    def regularized(self, g: str) -> Array:
-        def compute() -> Array:
-            k = _to_2d(self.kernel(g))
-            k = k.astype(_float_dtype(k))
-            n = k.shape[0]
-            reg = self._diag_reg if self._absolute else self._diag_reg * jnp.trace(k) / n
-            return k + reg * jnp.eye(n, dtype=k.dtype)
-        return self._cached(("reg", g), compute)
-
-    def eigh(self, g: str) -> tuple[Array, Array]:
-        """Eigenvalues ``(1, p)`` (ascending) and eigenvectors ``(p, p)``."""
-        def compute() -> tuple[Array, Array]:
-            evals, evecs = jnp.linalg.eigh(self.regularized(g))
-            return evals[None], evecs
-        return self._cached(("eigh", g), compute)
-
-    def _cholesky(self, g: str) -> tuple[Array, Array]:
-        def compute() -> tuple[Array, Array]:
-            chol = jnp.linalg.cholesky(self.regularized(g))
-            ok = jnp.all(jnp.isfinite(chol))
+    def cholesky(self, g: str) -> tuple[Array, Array, Array]:
+        """``(regularised kernel, lower Cholesky factor, factor is finite)``."""
+        def compute() -> tuple[Array, Array, Array]:
+            a, chol, ok, finite = _factor_cholesky(self.kernel(g), self._diag_reg,
+                                                   absolute=self._absolute)
+            self._check_finite(g, finite)
             if _is_concrete(ok) and not bool(ok):
                 warnings.warn(
                     f"{self._name} ({g}) with diag_reg={self._diag_reg} is not numerically "
                     "positive definite (Cholesky failed); using the eigendecomposition "
                     "pseudo-inverse instead. Consider a small diag_reg (e.g. 1e-6 relative) "
-                    "or float64.", stacklevel=4)
-            return chol, ok
-        return self._cached(("chol", g), compute)
+                    "or float64.", stacklevel=5)
+            return a, chol, ok
+        return self._cached(("chol", g), compute, self.kernel(g))
 
-    def solve(self, g: str, b: Array) -> Array:
-        """``(K_g + reg I)^{-1} b`` for a matrix ``b`` of shape ``(p, m)``."""
-        chol, ok = self._cholesky(g)
-        b = b.astype(jnp.result_type(chol.dtype, b.dtype))
+    def solver(self, g: str) -> tuple[str, tuple[Array, ...]]:
+        """``(kind, factors)`` for :func:`_solve`; the kind is static when known eagerly."""
+        a, chol, ok = self.cholesky(g)
+        if not _is_concrete(ok):
+            return "cond", (a, chol, ok)
+        if bool(ok):
+            return "chol", (chol,)
+        return "pinv", self.eigh(g)
 
-        def cho(b: Array) -> Array:
-            return jsp.linalg.cho_solve((chol, True), b)
-
-        if _is_concrete(ok):
-            if bool(ok):
-                return cho(b)
-            evals, evecs = self.eigh(g)
-            return _pinv_apply(evals[0], evecs, b)
-
-        def pinv(b: Array) -> Array:
-            evals, evecs = jnp.linalg.eigh(self.regularized(g))
-            return _pinv_apply(evals, evecs, b)
-
-        return jax.lax.cond(ok, cho, pinv, b)
-
-
-def _pinv_apply(evals: Array, evecs: Array, b: Array) -> Array:
-    cutoff = evals.shape[0] * jnp.finfo(evals.dtype).eps * jnp.max(jnp.abs(evals))
-    keep = evals > cutoff
-    inv = jnp.where(keep, 1 / jnp.where(keep, evals, 1), 0)
-    return evecs @ (inv[:, None] * (evecs.T @ b))
+    def eigh(self, g: str) -> tuple[Array, Array]:
+        """Eigenvalues (ascending) and eigenvectors of the regularised kernel."""
+        def compute() -> tuple[Array, Array]:
+            evals, evecs, finite = _factor_eigh(self.kernel(g), self._diag_reg,
+                                                absolute=self._absolute)
+            self._check_finite(g, finite)
+            return evals, evecs
+        return self._cached(("eigh", g), compute, self.kernel(g))

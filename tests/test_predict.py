@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 import scipy.linalg
+from jax import flatten_util
 
 from infinite_modules import predict
 
@@ -769,7 +770,7 @@ def test_with_interop_empirical_ntk():
     kdd, ktd = ntk_fn(x, None, variables), ntk_fn(xt, x, variables)
     assert kdd.shape == (8, 8, 2, 2)
     # the linearized network f0 + J dw trained by discrete GD, with J from jax.jacobian
-    flat, unravel = jax.flatten_util.ravel_pytree(variables)
+    flat, unravel = flatten_util.ravel_pytree(variables)
     jac = jax.jit(jax.jacobian(lambda w, xx: model.apply(unravel(w), xx)))
     j_tr, j_te = (np.asarray(jac(flat, xx), np.float64).reshape(16, -1) for xx in (x, xt))
     f0, ft0 = (np.asarray(model.apply(variables, xx), np.float64) for xx in (x, xt))

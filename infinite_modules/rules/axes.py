@@ -31,19 +31,18 @@ def to_location(conc: Concrete, field: Field, eqn) -> tuple:
   constant would make channels non-identically distributed.
   """
   d = len(field.root.spatial)
+  rank = len(field.axes)
+  offset = rank - conc.ndim
+  if offset < 0:
+    raise eqn.error("an operand has more axes than the field it combines with.")
+  location = ["b", *range(d)]
   out = []
-  for side, n in ((1, None), (2, None)):
-    del n
-    v = jnp.asarray(conc.v1 if side == 1 else conc.v2)
-    rank = len(field.axes)
-    if v.ndim > rank:
-      raise eqn.error("an operand has more axes than the field it combines with.")
-    v = v.reshape((1,) * (rank - v.ndim) + v.shape)
-    offset = rank - jnp.ndim(conc.v1)
-    dims = []  # (atom, size) of the expanded array
+  for value in (conc.v1, conc.v2):
+    v = jnp.asarray(value)
+    v = v.reshape((1,) * offset + v.shape)
+    names, sizes = [], []
     for i, atoms in enumerate(field.axes):
-      size = v.shape[i]
-      if size == 1:
+      if v.shape[i] == 1:
         continue
       if "c" in atoms:
         if (i - offset) in conc.const_axes or _uniform_along(v, i):
@@ -53,33 +52,15 @@ def to_location(conc: Concrete, field: Field, eqn) -> tuple:
             "an operand varies along the infinite channel axis (a per-channel constant), so "
             "channels would not be identically distributed.",
             "Per-channel constants must be parameters with an i.i.d. initializer.")
-      dims.append(atoms)
-    # Reshape: split merged spatial axes into atoms; drop size-1 axes.
-    sizes, names = [], []
-    for i, atoms in enumerate(field.axes):
-      if v.shape[i] == 1:
-        continue
       for a in atoms:
-        size = v.shape[0] if a == "b" else (1 if a == "u" else field.root.spatial[a])
-        if a == "b":
-          size = v.shape[i]
-        sizes.append(size)
-        names.append(a)
-    v = v.reshape(sizes) if sizes else v.reshape(())
-    order = ["b"] + list(range(d))
-    target_shape, perm = [], []
-    for a in order:
-      if a in names:
-        perm.append(names.index(a))
-    v = jnp.transpose(v, perm) if perm else v
-    pos = 0
-    for a in order:
-      if a in names:
-        target_shape.append(v.shape[pos])
-        pos += 1
-      else:
-        target_shape.append(1)
-    out.append(v.reshape(target_shape))
+        if a != "u":
+          names.append(a)
+          sizes.append(v.shape[i] if a == "b" else field.root.spatial[a])
+    # Split merged axes into atoms, order them as (batch, *root spatial dims).
+    v = v.reshape(sizes)
+    present = [a for a in location if a in names]
+    v = jnp.transpose(v, [names.index(a) for a in present])
+    out.append(v.reshape([v.shape[present.index(a)] if a in present else 1 for a in location]))
   return tuple(out)
 
 

@@ -18,9 +18,12 @@ the infinite-width limit is width independent.
 Kernels: the analytic kernel of a model built from these layers *as written*,
 `im.kernel_fn(ntk_model, x, parameterization="standard")`, equals the
 NTK-parameterization kernel of the plain model,
-`im.kernel_fn(plain_model, x, parameterization="ntk")`. The kernel interpreter
-sees an ordinary `dot_general` / `conv_general_dilated` with an N(0, 1) weight
-followed by a scalar multiply, and a bias `b_std * b` with b ~ N(0, 1).
+`im.kernel_fn(plain_model, x, parameterization="ntk")` (tested to float64
+round-off in `tests/test_compare.py`). The layers scale the N(0, 1) weight by
+the constant `W_std / sqrt(fan_in)` before the matmul / convolution (cheaper
+than scaling the output, the same function and gradients), so the kernel
+interpreter sees a `dot_general` / `conv_general_dilated` whose weight is a
+constant multiple of an N(0, 1) param, and a bias `b_std * b` with b ~ N(0, 1).
 
 To compare finite training with its infinite-width prediction, train the model
 in the parameterization its kernel describes: an `NTKDense` model with
@@ -87,8 +90,8 @@ class NTKDense(nn.Module):
     bias = (self.param("bias", _unit_normal, (self.features,), self.param_dtype)
             if self.b_std is not None else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    kernel = kernel * (self.W_std / math.sqrt(fan_in))  # see the module docstring
     y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-    y = y * (self.W_std / math.sqrt(fan_in))
     if bias is not None:
       y = y + self.b_std * bias
     return y
@@ -173,11 +176,11 @@ class NTKConv(nn.Module):
     nd = x.ndim
     lhs_spec = (0, nd - 1) + tuple(range(1, nd - 1))
     rhs_spec = (nd - 1, nd - 2) + tuple(range(nd - 2))
+    kernel = kernel * (self.W_std / math.sqrt(fan_in))  # see the module docstring
     y = lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=lax.ConvDimensionNumbers(lhs_spec, rhs_spec, lhs_spec),
         precision=self.precision)
-    y = y * (self.W_std / math.sqrt(fan_in))
     if bias is not None:
       y = y + self.b_std * bias
     return y

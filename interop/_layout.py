@@ -31,8 +31,13 @@ Axes = int | Sequence[int]
 VMapAxes = Any
 
 __all__ = [
-    "KernelLayout", "canonicalize_axes", "kernel_layout", "contract", "split_kwargs",
-    "canonicalize_vmap_axes", "side_fn",
+  "KernelLayout",
+  "canonicalize_axes",
+  "canonicalize_vmap_axes",
+  "contract",
+  "kernel_layout",
+  "side_fn",
+  "split_kwargs",
 ]
 
 
@@ -187,6 +192,47 @@ def split_kwargs(kwargs: Mapping[str, Any], x1: PyTree, x2: PyTree | None
     else:
       kw1[k] = kw2[k] = v
   return kw1, kw2
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def partition_kwargs(kwargs: Mapping[str, Any]) -> tuple[list, Any, tuple]:
+  """Splits keyword arguments into array leaves (traced) and everything else (static)."""
+  leaves, treedef = jax.tree_util.tree_flatten(dict(kwargs))
+  dyn = [x for x in leaves if _is_array(x)]
+  static = tuple(None if _is_array(x) else x for x in leaves)
+  return dyn, treedef, static
+
+
+def merge_kwargs(dyn: Sequence[Any], treedef: Any, static: tuple) -> dict[str, Any]:
+  """Inverse of :func:`partition_kwargs`."""
+  it = iter(dyn)
+  return jax.tree_util.tree_unflatten(treedef, [next(it) if s is None else s for s in static])
+
+
+def hashable(x: Any) -> Any:
+  """``x`` if hashable, else its ``repr`` (for cache keys of static arguments)."""
+  try:
+    hash(x)
+    return x
+  except TypeError:
+    return repr(x)
+
+
+#: Extra XLA compiler options for the kernels' internal ``jax.jit`` (``None``: defaults).
+#: E.g. ``{"xla_backend_optimization_level": 0}`` trades run time for compile time.
+JIT_COMPILER_OPTIONS: dict[str, Any] | None = None
+
+
+def jit(fn: Callable) -> Callable:
+  """``jax.jit`` with :data:`JIT_COMPILER_OPTIONS` read at call time."""
+  return jax.jit(fn, compiler_options=JIT_COMPILER_OPTIONS)
+
+
+def is_traced(tree: PyTree) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 # ----------------------------------------------------------------------------- vmap_axes

@@ -49,7 +49,7 @@ import jax
 
 PyTree = Any
 
-__all__ = ["ModelAdapter", "adapt", "nnx_factory", "flax_params_only"]
+__all__ = ["ModelAdapter", "adapt", "flax_params_only", "nnx_factory"]
 
 
 def _main_only(raw: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:

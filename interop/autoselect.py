@@ -31,9 +31,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from interop._layout import hashable as _hashable
+from interop._layout import is_traced as _is_traced
+from interop._layout import jit as layout_jit
+from interop._layout import merge_kwargs as _merge_kwargs
+from interop._layout import partition_kwargs as _partition_kwargs
+
 PyTree = Any
 
-__all__ = ["auto_ntk_fn", "THROUGHPUT", "MEASURE_WITHIN", "Estimate"]
+__all__ = ["MEASURE_WITHIN", "THROUGHPUT", "Estimate", "auto_ntk_fn"]
 
 #: Sustained (FLOP/s, bytes/s) per backend platform for the cost model.
 THROUGHPUT: dict[str, tuple[float, float]] = {
@@ -61,38 +67,10 @@ class Estimate:
   measured: float | None = None
 
 
-def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _partition_kwargs(kwargs: Mapping[str, Any]) -> tuple[list, Any, tuple]:
-  leaves, treedef = jax.tree_util.tree_flatten(dict(kwargs))
-  dyn = [x for x in leaves if _is_array(x)]
-  static = tuple(None if _is_array(x) else x for x in leaves)
-  return dyn, treedef, static
-
-
-def _merge_kwargs(dyn: list, treedef: Any, static: tuple) -> dict[str, Any]:
-  it = iter(dyn)
-  return jax.tree_util.tree_unflatten(treedef, [next(it) if s is None else s for s in static])
-
-
 def _abstract(tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.result_type(x))
-      if _is_array(x) or isinstance(x, jax.core.Tracer) else x, tree)
-
-
-def _hashable(x: Any) -> Any:
-  try:
-    hash(x)
-    return x
-  except TypeError:
-    return repr(x)
-
-
-def _is_traced(tree: PyTree) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+      if isinstance(x, (jax.Array, np.ndarray, np.generic)) else x, tree)
 
 
 def _device_memory() -> float:
@@ -117,7 +95,7 @@ def _cost(d: Any) -> dict:
 
 def estimate(impl: Any, fn: Callable, args: tuple, platform: str) -> Estimate:
   """Compiles ``fn(*args)`` and returns its cost-model estimate (no execution)."""
-  lowered = jax.jit(fn).lower(*args)
+  lowered = layout_jit(fn).lower(*args)
   compiled = lowered.compile()
   pre, post = _cost(lowered.cost_analysis()), _cost(compiled.cost_analysis())
   flops = max(float(pre.get("flops", 0.0)), float(post.get("flops", 0.0)))
@@ -170,11 +148,16 @@ class _AutoNtk:
       return self.cache[key]
     platform = jax.default_backend()
     abstract = (_abstract(x1), _abstract(x2), _abstract(variables), _abstract(dyn))
-    estimates = []
+    estimates, errors = [], []
     for impl, cand in self.candidates.items():
       def fn(a: PyTree, b: PyTree, v: Any, d: list, cand: Callable = cand) -> PyTree:
         return cand(a, b, v, **_merge_kwargs(d, treedef, static))
-      estimates.append(estimate(impl, fn, abstract, platform))
+      try:
+        estimates.append(estimate(impl, fn, abstract, platform))
+      except Exception as err:  # noqa: BLE001 - a candidate that cannot run is skipped
+        errors.append(err)
+    if not estimates:
+      raise errors[0]
     limit = 0.8 * _device_memory()
     fitting = [e for e in estimates if e.temp_bytes <= limit] or [
         min(estimates, key=lambda e: e.temp_bytes)]

@@ -37,16 +37,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop import structured as sd
-from interop._layout import (Axes, KernelLayout, VMapAxes, canonicalize_vmap_axes, contract,
-                             kernel_layout, side_fn, split_kwargs, squeeze_out)
+from interop._layout import (
+  Axes,
+  KernelLayout,
+  VMapAxes,
+  canonicalize_vmap_axes,
+  contract,
+  hashable,
+  is_traced,
+  kernel_layout,
+  merge_kwargs,
+  partition_kwargs,
+  side_fn,
+  split_kwargs,
+  squeeze_out,
+)
+from interop._layout import jit as layout_jit
 from interop.adapters import ModelAdapter, adapt
 
 PyTree = Any
 KernelFn = Callable[..., PyTree]
 
 __all__ = [
-    "NtkImplementation", "empirical_ntk_fn", "empirical_nngp_fn", "empirical_kernel_fn",
-    "empirical_ntk_vp_fn", "canonicalize_implementation",
+  "NtkImplementation",
+  "canonicalize_implementation",
+  "empirical_kernel_fn",
+  "empirical_nngp_fn",
+  "empirical_ntk_fn",
+  "empirical_ntk_vp_fn",
 ]
 
 
@@ -74,9 +92,9 @@ def canonicalize_implementation(implementation: str | int | NtkImplementation
     key = implementation.lower().replace("-", "_").replace(" ", "_")
     if key in _NAMES:
       return _NAMES[key]
-  elif isinstance(implementation, (int, np.integer)) and not isinstance(implementation, bool):
-    if int(implementation) in {m.value for m in NtkImplementation}:
-      return NtkImplementation(int(implementation))
+  elif (isinstance(implementation, (int, np.integer)) and not isinstance(implementation, bool)
+        and int(implementation) in {m.value for m in NtkImplementation}):
+    return NtkImplementation(int(implementation))
   raise ValueError(
       f"Unknown NTK implementation {implementation!r}; use one of {sorted(_NAMES)} or NT's "
       "integers 0 (auto), 1 (jacobian contraction), 2 (NTK-vector products), "
@@ -230,7 +248,7 @@ def _ntk_vector_products(ctx: _Ctx) -> PyTree:
     # rows: leading (N2, M) with vmap, (M,) without; flatten to one basis axis.
     n_lead = 2 if ctx.x_axis is not None else 1
     rows = jax.tree_util.tree_map(
-        lambda r: r.reshape((-1,) + r.shape[n_lead:]), rows)
+        lambda r, n_lead=n_lead: r.reshape((-1,) + r.shape[n_lead:]), rows)
     if w is not None:
       rows = jax.tree_util.tree_unflatten(
           p_tree, [wi * r for wi, r in zip(w, jax.tree_util.tree_leaves(rows))])
@@ -238,7 +256,19 @@ def _ntk_vector_products(ctx: _Ctx) -> PyTree:
     def column(t: PyTree, o: int = o) -> jax.Array:
       return jax.jvp(f1, (params,), (t,))[1][o]
 
-    cols = jax.lax.map(column, rows, batch_size=_vp_chunk(p_leaves, rows))
+    def column_by_double_vjp(t: PyTree, o: int = o) -> jax.Array:
+      # J t as the VJP of the (linear) VJP map c -> J^T c: works where forward mode is
+      # unavailable (``custom_vjp`` functions).
+      out, vjp1 = jax.vjp(f1, params)
+      zero = [jnp.zeros_like(a) for a in out]
+      return jax.vjp(lambda c: vjp1(c)[0], zero)[1](t)[0][o]
+
+    try:
+      cols = jax.lax.map(column, rows, batch_size=_vp_chunk(p_leaves, rows))
+    except TypeError as err:
+      if "custom_vjp" not in str(err):
+        raise
+      cols = jax.lax.map(column_by_double_vjp, rows, batch_size=_vp_chunk(p_leaves, rows))
     # cols: (basis2, *out1_o). Basis order is (n2, single...) with vmap, else out2_o.
     shape2 = out_leaves2[o].shape
     if ctx.x_axis is not None:
@@ -374,24 +404,52 @@ _IMPLS: dict[NtkImplementation, Callable[[_Ctx], PyTree]] = {
 }
 
 
-def _bind_model(model_or_f: Any) -> Callable[[Any], tuple[Callable[..., PyTree], PyTree]]:
-  adapter: ModelAdapter = adapt(model_or_f)
-  return adapter.bind
+class _KernelCall:
+  """``kernel(x1, x2, variables, **kwargs)`` that compiles itself with :func:`jax.jit`.
+
+  Eager (op-by-op) evaluation of Jacobians compiles every primitive separately, which
+  is slow on the first call; called with concrete arrays, the kernel is instead compiled
+  once per input shapes and non-array keyword arguments (which are static). Under an
+  outer transformation (``jit``, ``vmap``, ``grad``) it is traced inline.
+  """
+
+  def __init__(self, adapter: ModelAdapter,
+               compute: Callable[[PyTree, PyTree, PyTree, Any, Any, dict], PyTree]):
+    self.adapter = adapter
+    self.compute = compute
+    self._jitted: dict[Any, Callable] = {}
+
+  def __call__(self, x1: PyTree, x2: PyTree | None, variables: Any, *,
+               _leaf_weights: Sequence[Any] | None = None, **apply_fn_kwargs: Any) -> PyTree:
+    _check_inputs(x1, x2)
+    params, rest = self.adapter.split(variables)
+    dyn, treedef, static = partition_kwargs(apply_fn_kwargs)
+    args = (x1, x2, params, rest, _leaf_weights, dyn)
+    if is_traced(args):
+      return self.compute(x1, x2, params, rest, _leaf_weights, apply_fn_kwargs)
+    key = (treedef, hashable(static))
+    if key not in self._jitted:
+      def run(x1: PyTree, x2: PyTree, params: PyTree, rest: Any, w: Any, dyn: list
+              ) -> PyTree:
+        return self.compute(x1, x2, params, rest, w, merge_kwargs(dyn, treedef, static))
+      self._jitted[key] = layout_jit(run)
+    return self._jitted[key](*args)
 
 
 def _ntk_impl_fn(model_or_f: Any, trace_axes: Axes, diagonal_axes: Axes, vmap_axes: VMapAxes,
-                 implementation: NtkImplementation) -> KernelFn:
-  bind = _bind_model(model_or_f)
+                 implementation: NtkImplementation) -> _KernelCall:
+  adapter = adapt(model_or_f)
   impl = _IMPLS[implementation]
 
-  def ntk_fn(x1: PyTree, x2: PyTree | None, variables: Any, *,
-             _leaf_weights: Sequence[Any] | None = None, **apply_fn_kwargs: Any) -> PyTree:
-    f, params = bind(variables)
-    ctx = _make_ctx(f, x1, x2, params, apply_fn_kwargs, trace_axes, diagonal_axes,
-                    vmap_axes, _leaf_weights)
+  def compute(x1: PyTree, x2: PyTree | None, params: PyTree, rest: Any,
+              leaf_weights: Sequence[Any] | None, kwargs: dict) -> PyTree:
+    def f(p: PyTree, x: PyTree, **kw: Any) -> PyTree:
+      return adapter.apply(p, rest, x, **kw)
+    ctx = _make_ctx(f, x1, x2, params, kwargs, trace_axes, diagonal_axes, vmap_axes,
+                    leaf_weights)
     return impl(ctx)
 
-  return ntk_fn
+  return _KernelCall(adapter, compute)
 
 
 def empirical_ntk_fn(
@@ -447,15 +505,17 @@ def empirical_nngp_fn(model_or_f: Any, trace_axes: Axes = (-1,), diagonal_axes: 
   One kernel per output leaf, traced over ``trace_axes`` (divided by their size) and
   diagonal over ``diagonal_axes``, with NT's output layout. See :func:`empirical_ntk_fn`.
   """
-  bind = _bind_model(model_or_f)
+  adapter = adapt(model_or_f)
 
-  def nngp_fn(x1: PyTree, x2: PyTree | None, variables: Any, **apply_fn_kwargs: Any
-              ) -> PyTree:
-    f, params = bind(variables)
-    ctx = _make_ctx(f, x1, x2, params, apply_fn_kwargs, trace_axes, diagonal_axes, None)
-    return _nngp(ctx)
+  def compute(x1: PyTree, x2: PyTree | None, params: PyTree, rest: Any,
+              leaf_weights: Any, kwargs: dict) -> PyTree:
+    del leaf_weights
 
-  return nngp_fn
+    def f(p: PyTree, x: PyTree, **kw: Any) -> PyTree:
+      return adapter.apply(p, rest, x, **kw)
+    return _nngp(_make_ctx(f, x1, x2, params, kwargs, trace_axes, diagonal_axes, None))
+
+  return _KernelCall(adapter, compute)
 
 
 _GETS = ("nngp", "ntk")

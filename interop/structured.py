@@ -47,8 +47,14 @@ from interop._layout import KernelLayout, contract, contraction_cost
 
 PyTree = Any
 
-__all__ = ["Program", "trace_program", "plan_structure", "Plan", "side_arrays",
-           "structured_kernel"]
+__all__ = [
+  "Plan",
+  "Program",
+  "plan_structure",
+  "side_arrays",
+  "structured_kernel",
+  "trace_program",
+]
 
 _INLINE_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
                            "remat2"})
@@ -464,7 +470,7 @@ def structured_kernel(
         tied.append(ren1[m1.u_labels[axis]])
 
     def side(g: list, ops: list, scales: list, meta: _FormMeta, ren: dict,
-             basis: tuple[int, ...]) -> tuple[list, list]:
+             basis: tuple[int, ...], k: int = k) -> tuple[list, list]:
       operands = [g[k]]
       labels = [tuple(basis) + tuple(ren[lab] for lab in meta.y_labels)]
       for op, ls in zip(ops[k], meta.operand_labels):

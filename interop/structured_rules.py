@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["LinearForm", "LINEAR_RULES", "CHAIN_RULES", "ELEMENTWISE_CHAIN"]
+__all__ = ["CHAIN_RULES", "ELEMENTWISE_CHAIN", "LINEAR_RULES", "LinearForm"]
 
 
 @dataclasses.dataclass

@@ -151,8 +151,10 @@ def plot_agreement_over_width(sweep: WidthSweep, *, metrics: Sequence[str] | Non
 
 def _width_ticks(ax: Axes, widths: np.ndarray) -> None:
   """Labels a log x-axis with the widths themselves."""
+  from matplotlib.ticker import NullLocator
+
   ax.set_xticks(widths, [str(int(w)) for w in widths])
-  ax.minorticks_off()
+  ax.xaxis.set_minor_locator(NullLocator())
 
 
 def plot_comparison(comparison: Comparison, *, title: str | None = None) -> Figure:

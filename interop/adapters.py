@@ -222,13 +222,15 @@ def _from_nnx(module: Any) -> ModelAdapter:
           "An NNX model expects an `nnx.State` (e.g. `nnx.state(model)` or the params "
           f"from `nnx.split(model, nnx.Param, ...)`), the module, or None; got "
           f"{type(variables).__name__}.")
-    p, r = variables.split(nnx.Param, ...)
+    p, r = _split_state(nnx, variables)
     if not jax.tree_util.tree_leaves(r):
       r = default_rest
     return p, r
 
   def merge(params: PyTree, rest: Any) -> Any:
-    return nnx.State.merge(params, rest)
+    if hasattr(nnx, "merge_state"):
+      return nnx.merge_state(params, rest)
+    return nnx.State.merge(params, rest)  # pragma: no cover - older flax
 
   def apply(params: PyTree, rest: Any, x: Any, **kwargs: Any) -> PyTree:
     model = nnx.merge(graphdef, params, rest)
@@ -241,6 +243,12 @@ def _from_nnx(module: Any) -> ModelAdapter:
   return ModelAdapter(
       name="flax.nnx", split=split, merge=merge, apply=apply, init=None, call=call,
       call_split=split, call_merge=merge)
+
+
+def _split_state(nnx: Any, state: Any) -> tuple[Any, Any]:
+  if hasattr(nnx, "split_state"):
+    return nnx.split_state(state, nnx.Param, ...)
+  return state.split(nnx.Param, ...)  # pragma: no cover - older flax
 
 
 def nnx_factory(factory: Callable[[Any], Any], seed_key: jax.Array | None = None

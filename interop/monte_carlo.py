@@ -15,11 +15,14 @@ estimator's error is ``O(1 / sqrt(S))``.
 
 ``parameterization="standard"`` uses the model exactly as written (``w_theta = 1``).
 ``parameterization="ntk"`` reparameterizes every trainable leaf as
-``theta = sigma_theta * omega`` with ``omega`` of unit variance (NT's NTK
+``theta = mu_theta + sigma_theta * omega`` with ``omega`` of unit variance (NT's NTK
 parameterization); then ``w_theta = sigma_theta^2``, the per-entry variance of the
-leaf's initializer, estimated from a pilot of :data:`PILOT_SAMPLES` initializations
-(a constant-initialized leaf such as a zero bias gets ``w = 0``). The NNGP does not
-depend on the parameterization.
+leaf's initializer (a constant-initialized leaf such as a zero bias gets ``w = 0``).
+Pass the variances as ``leaf_variances`` if you know them; otherwise they are
+estimated from pilot initializations, drawn until every leaf has
+:data:`PILOT_DRAWS` entries (at most :data:`PILOT_MAX_INITS` initializations), which
+bounds the relative error of each estimate by about ``sqrt(2 / PILOT_DRAWS)``. The
+NNGP does not depend on the parameterization.
 """
 
 from __future__ import annotations
@@ -47,17 +50,36 @@ from interop.empirical import (
 
 PyTree = Any
 
-__all__ = ["PILOT_SAMPLES", "monte_carlo_kernel_fn"]
+__all__ = ["PILOT_DRAWS", "PILOT_MAX_INITS", "monte_carlo_kernel_fn"]
 
-#: Initializations used to estimate per-leaf variances for ``parameterization="ntk"``.
-PILOT_SAMPLES = 64
+#: Entries per leaf used to estimate its initializer variance (``parameterization="ntk"``).
+PILOT_DRAWS = 1 << 17
+#: Upper bound on the pilot initializations.
+PILOT_MAX_INITS = 4096
+_PILOT_CHUNK = 64
 
 
 def _leaf_variances(init: Callable, split: Callable, key: jax.Array, x_example: Any
                     ) -> list[jax.Array]:
-  keys = jax.random.split(key, PILOT_SAMPLES)
-  params = jax.vmap(lambda k: split(init(k, x_example))[0])(keys)
-  return [jnp.var(p) for p in jax.tree_util.tree_leaves(params)]
+  """Per-leaf variance of the initializer, pooled over entries and pilot draws."""
+  shapes = jax.eval_shape(lambda k: split(init(k, x_example))[0], key)
+  sizes = [max(1, int(np.prod(s.shape))) for s in jax.tree_util.tree_leaves(shapes)]
+  n_inits = int(min(PILOT_MAX_INITS, max(_PILOT_CHUNK, -(-PILOT_DRAWS // min(sizes)))))
+  n_inits = -(-n_inits // _PILOT_CHUNK) * _PILOT_CHUNK
+
+  @jax.jit
+  def moments(keys: jax.Array) -> tuple[list, list]:
+    params = jax.vmap(lambda k: split(init(k, x_example))[0])(keys)
+    leaves = jax.tree_util.tree_leaves(params)
+    return [jnp.sum(p) for p in leaves], [jnp.sum(jnp.square(p)) for p in leaves]
+
+  s1 = s2 = None
+  for keys in jnp.split(jax.random.split(key, n_inits), n_inits // _PILOT_CHUNK):
+    a, b = moments(keys)
+    s1 = a if s1 is None else [x + y for x, y in zip(s1, a)]
+    s2 = b if s2 is None else [x + y for x, y in zip(s2, b)]
+  counts = [size * n_inits for size in sizes]
+  return [jnp.maximum(q / n - (p / n) ** 2, 0.0) for p, q, n in zip(s1, s2, counts)]
 
 
 def _blocks(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -83,6 +105,7 @@ def monte_carlo_kernel_fn(
     parameterization: str = "standard",
     sample_batch_size: int = 1,
     progress: bool = True,
+    leaf_variances: PyTree | None = None,
 ) -> Callable[..., Any]:
   """Returns ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``: Monte Carlo kernels.
 
@@ -102,6 +125,9 @@ def monte_carlo_kernel_fn(
       docstring).
     sample_batch_size: initializations evaluated together (``jax.vmap``) per step.
     progress: show a ``tqdm`` progress bar over the samples.
+    leaf_variances: for ``parameterization="ntk"``, the per-entry initializer variance
+      of every trainable leaf (a pytree like the trainable params, scalars), instead of
+      estimating them.
 
   Returns:
     ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)``; ``get`` as in
@@ -134,7 +160,11 @@ def monte_carlo_kernel_fn(
     if parameterization == "standard":
       return None
     if not weights_cache:
-      weights_cache.append(_leaf_variances(init, split, pilot_key, x_example))
+      if leaf_variances is not None:
+        weights_cache.append([jnp.asarray(v) for v in
+                              jax.tree_util.tree_leaves(leaf_variances)])
+      else:
+        weights_cache.append(_leaf_variances(init, split, pilot_key, x_example))
     return weights_cache[0]
 
   step_cache: dict[Any, Callable] = {}

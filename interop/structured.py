@@ -463,11 +463,17 @@ def structured_kernel(
     ren1 = {lab: nxt + lab for lab in range(n1)}
     ren2 = {lab: nxt + n1 + lab for lab in range(n2)}
     nxt += n1 + n2
+    # Tie the labels of u's tied axes across sides. A label missing from a side's
+    # operands belongs to a size-1 axis of u that the equation broadcasts implicitly;
+    # it carries no index, so it is not tied.
+    used1 = {lab for ls in (m1.y_labels, *m1.operand_labels) for lab in ls}
+    used2 = {lab for ls in (m2.y_labels, *m2.operand_labels) for lab in ls}
     tied = []
     for axis, is_tied in enumerate(u1.tags):
-      if is_tied:
-        ren2[m2.u_labels[axis]] = ren1[m1.u_labels[axis]]
-        tied.append(ren1[m1.u_labels[axis]])
+      l1, l2 = m1.u_labels[axis], m2.u_labels[axis]
+      if is_tied and l1 in used1 and l2 in used2:
+        ren2[l2] = ren1[l1]
+        tied.append(ren1[l1])
 
     def side(g: list, ops: list, scales: list, meta: _FormMeta, ren: dict,
              basis: tuple[int, ...], k: int = k) -> tuple[list, list]:
@@ -486,10 +492,6 @@ def structured_kernel(
 
     a_ops, a_labs = side(g1, ops1, scales1, m1, ren1, layout.labels1)
     b_ops, b_labs = side(g2, ops2, scales2, m2, ren2, layout.labels2)
-    # A tied label missing from the operands belongs to a size-1 axis of u that the
-    # equation broadcasts implicitly; it contributes nothing to keep.
-    present = {lab for ls in a_labs for lab in ls}
-    tied = [lab for lab in tied if lab in present]
     keep1 = tuple(layout.labels1) + tuple(tied)
     keep2 = tuple(layout.labels2) + tuple(tied)
     gram_cost = contraction_cost(a_ops + b_ops, a_labs + b_labs, layout.out_labels)

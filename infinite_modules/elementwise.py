@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from infinite_modules import expectations as ex
@@ -90,6 +89,30 @@ def ctx_nodes(expr) -> list:
 
   visit(expr)
   return out
+
+
+def is_linear(expr) -> bool:
+  """Whether expr is alpha z structurally (affine with no additive constant)."""
+  memo: dict = {}
+
+  def visit(e) -> bool:
+    if e[0] == "z":
+      return True
+    if e[0] != "op" or not depends_on_z(e, memo):
+      return False
+    name, args = e[1].name, e[3]
+    if name in ("add", "sub"):
+      return all(depends_on_z(a, memo) and visit(a) for a in args)
+    if name in _AFFINE_PASS:
+      return visit(args[0])
+    if name == "mul":
+      dependent = [a for a in args if depends_on_z(a, memo)]
+      return len(dependent) == 1 and visit(dependent[0])
+    if name == "div":
+      return not depends_on_z(args[1], memo) and visit(args[0])
+    return False
+
+  return visit(expr)
 
 
 def evaluate(expr, z, ctx_values):
@@ -176,7 +199,9 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
       return aa * ab * arr
 
     s1, s2 = (alpha1, beta1), (alpha2, beta2)
-    has_mean = root.mean1 is not None or not _is_zero(beta1, beta2)
+    # Decided from the structure, not the values (which are traced under jit):
+    # a zero-mean Gaussian stays zero-mean under a linear map, keeping closed forms.
+    has_mean = root.mean1 is not None or not is_linear(expr)
     return dataclasses.replace(
         root,
         nngp=second(root.nngp, s1, s2, m1, m2, True),
@@ -235,14 +260,6 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
   return dataclasses.replace(
       root, nngp=nngp, ntk=dk * root.ntk, var1=var1, var2=var2,
       mean1=mean(v1, m1, ctx1), mean2=mean(v2, m2, ctx2), gaussian=False, gathered_from=None)
-
-
-def _is_zero(*arrays) -> bool:
-  """True only if all arrays are concretely known to be zero (not under tracing)."""
-  try:
-    return all(not bool(jnp.any(a != 0)) for a in arrays)
-  except jax.errors.ConcretizationTypeError:
-    return False
 
 
 class NotGaussianError(Exception):

@@ -93,6 +93,7 @@ class Interpreter:
   dtype: jnp.dtype
   points: int
   used_params: set = dataclasses.field(default_factory=set)
+  materialized: dict = dataclasses.field(default_factory=dict)
 
   def grad_coefficient(self, prior) -> float:
     """Weight of a parameter's gradient in the NTK.

@@ -137,14 +137,28 @@ def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
   with_state = isinstance(transformed, hk.TransformedWithState)
   params, state = initialized if with_state else (initialized, None)
 
+  # hk.without_apply_rng(...) drops the rng argument of apply.
+  rng_args = (None,) if _haiku_apply_takes_rng(transformed, params, state, x_example,
+                                               apply_kwargs) else ()
+
   def apply(p, x):
     if with_state:
-      return transformed.apply(p, state, None, x, **apply_kwargs)[0]
-    return transformed.apply(p, None, x, **apply_kwargs)
+      return transformed.apply(p, state, *rng_args, x, **apply_kwargs)[0]
+    return transformed.apply(p, *rng_args, x, **apply_kwargs)
 
   # Haiku stores params as {module_name: {param_name: array}}.
   prior_tree, paths = _resolve_priors(params, recorded, priors, "Haiku transform")
   return Traceable(apply, params, prior_tree, paths)
+
+
+def _haiku_apply_takes_rng(transformed, params, state, x, apply_kwargs) -> bool:
+  lead = (params, state) if state is not None else (params,)
+  try:
+    jax.eval_shape(lambda: transformed.apply(*lead, None, x, **apply_kwargs))
+    return True
+  except TypeError:
+    jax.eval_shape(lambda: transformed.apply(*lead, x, **apply_kwargs))
+    return False
 
 
 def _from_nnx(module, x_example, priors, apply_kwargs) -> Traceable:

@@ -62,11 +62,15 @@ def gather(root: Root, full: bool, k: int, index) -> Root:
 
 
 def window_sum(root: Root, full: bool, k: int, window: int, stride: int, dilation: int,
-               padding: tuple[int, int]) -> Root:
-  """Sum over a sliding window along spatial dim k (the same tap on both positions).
+               padding: tuple[int, int], same_tap: bool = True) -> Root:
+  """Sum over a sliding window along spatial dim k.
 
-  out[t, t'] = sum_j in[t*stride + j*dilation - lo, t'*stride + j*dilation - lo],
-  zero outside the input: the moment map of a convolution tap sum / pooling.
+  same_tap=True (convolution: each tap has its own independent weights, so
+  only equal taps correlate):
+    out[t, t'] = sum_j in[t*stride + j*dilation - lo, t'*stride + j*dilation - lo].
+  same_tap=False (pooling: a fixed linear map of the field, all tap pairs):
+    out[t, t'] = sum_j sum_j' in[t*stride + j*dilation - lo, t'*stride + j'*dilation - lo].
+  Zero outside the input.
   """
   d = len(root.spatial)
   lo, hi = padding
@@ -94,9 +98,16 @@ def window_sum(root: Root, full: bool, k: int, window: int, stride: int, dilatio
       total = total + arr[tuple(sl)]
     return total
 
+  def second(arr, lead):
+    axes = spatial_axes(lead, d, full, k)
+    if same_tap or len(axes) == 1:
+      return taps(arr, axes)
+    for axis in axes:  # a linear map applied to both positions independently
+      arr = taps(arr, (axis,))
+    return arr
+
   spatial = tuple(out if i == k else s for i, s in enumerate(root.spatial))
-  return map_arrays(root, full, lambda a, lead: taps(a, spatial_axes(lead, d, full, k)),
-                    lambda m: taps(m, (1 + k,)), spatial=spatial)
+  return map_arrays(root, full, second, lambda m: taps(m, (1 + k,)), spatial=spatial)
 
 
 def sum_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:

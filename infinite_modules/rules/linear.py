@@ -24,9 +24,21 @@ from infinite_modules.values import Concrete, Field, ParamRef, Root, new_origin
 
 
 def materialize(interp: Interpreter, eqn, field: Field) -> Root:
-  """The moments of a field, raising a named error if phi needs Gaussian input."""
+  """The moments of a field, raising a named error if phi needs Gaussian input.
+
+  Memoized per (root, phi): several consumers of one field (e.g. the slices
+  that circular padding concatenates) must see the same root.
+  """
+  if field.expr is None:
+    return field.root
+  key = (id(field.root), id(field.expr))
+  cached = interp.materialized.get(key)
+  if cached is not None:
+    return cached[2]
   try:
-    return ew.materialize(field.root, field.expr, interp.full, interp.points)
+    root = ew.materialize(field.root, field.expr, interp.full, interp.points)
+    interp.materialized[key] = (field.root, field.expr, root)  # keeps the ids alive
+    return root
   except ew.NotGaussianError:
     raise eqn.error(
         "a nonlinearity is applied to a field that is not Gaussian (e.g. the sum of a "

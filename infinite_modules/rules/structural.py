@@ -183,7 +183,8 @@ def reduce_window_sum_rule(interp, eqn, invals):
       raise eqn.error(f"pooling over the non-spatial axis {atoms} (batch or channel).")
     if window > 1 and not interp.full:
       raise mo.NeedFullLayout()
-    root = mo.window_sum(root, interp.full, atoms[0], window, stride, dilation, pad)
+    root = mo.window_sum(root, interp.full, atoms[0], window, stride, dilation, pad,
+                         same_tap=False)
   return [Field(root, tuple(axes))]
 
 

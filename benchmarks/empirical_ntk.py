@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 IMPLS = ("jacobian_contraction", "ntk_vector_products", "structured_derivatives")
 NT_CODES = {"jacobian_contraction": 1, "ntk_vector_products": 2, "structured_derivatives": 3}
 WORKLOADS = {
@@ -54,6 +56,44 @@ def _time(fn, args, repeats):
 
 
 # ----------------------------------------------------------------------------- ours
+
+
+def _plain_model(name):
+  """The same networks as plain ``(init, f(params, x))`` (for machines without Flax)."""
+  import jax
+  import jax.numpy as jnp
+
+  def dense(key, n_in, n_out):
+    return {"kernel": jax.random.normal(key, (n_in, n_out)) / jnp.sqrt(n_in),
+            "bias": jnp.zeros((n_out,))}
+
+  def conv(key, c_in, c_out):
+    return {"kernel": jax.random.normal(key, (3, 3, c_in, c_out)) / jnp.sqrt(9 * c_in),
+            "bias": jnp.zeros((c_out,))}
+
+  def init(key, x):
+    keys = jax.random.split(key, 4)
+    if name == "mlp":
+      sizes = [x.shape[-1], 512, 512, 512, 10]
+      return [dense(k, a, b) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+    chans = [x.shape[-1], 64, 64, 64]
+    return [conv(k, a, b) for k, a, b in zip(keys, chans[:-1], chans[1:])] + [
+        dense(keys[3], 64, 10)]
+
+  def f(params, x):
+    for p in params[:-1]:
+      if name == "mlp":
+        x = x @ p["kernel"] + p["bias"]
+      else:
+        x = jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = x + p["bias"]
+      x = jax.nn.relu(x)
+    if name == "cnn":
+      x = x.mean(axis=(1, 2))
+    return x @ params[-1]["kernel"] + params[-1]["bias"]
+
+  return init, f
 
 
 def _flax_model(name):
@@ -85,9 +125,13 @@ def run_ours(workloads, vmap_axes, repeats):
   results = {}
   for name in workloads:
     spec = WORKLOADS[name]
-    model = _flax_model(name)
     x = jax.random.normal(jax.random.PRNGKey(0), spec["shape"])
-    variables = model.init(jax.random.PRNGKey(1), x)
+    try:
+      model = _flax_model(name)
+      variables = model.init(jax.random.PRNGKey(1), x)
+    except ImportError:  # no Flax on this machine: the same network as f(params, x)
+      init, model = _plain_model(name)
+      variables = init(jax.random.PRNGKey(1), x)
     seconds, compile_s, kernels = {}, {}, {}
     for impl in IMPLS:
       fn = jax.jit(interop.empirical_ntk_fn(model, vmap_axes=vmap_axes,

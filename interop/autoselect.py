@@ -11,13 +11,16 @@ bound by memory traffic (it streams ``N * O * P`` Jacobian entries). Here:
    bytes accessed of the *compiled* HLO (after fusion), and ``F`` / ``B`` a sustained
    throughput / bandwidth for the backend (:data:`THROUGHPUT`);
 3. candidates whose compiled temporary memory does not fit in the device are skipped;
-4. when the call is not being traced (concrete inputs) and the two best estimates are
-   within :data:`MEASURE_WITHIN` of each other, both are run once and the faster wins,
-   so near-ties are settled by measurement rather than by the model;
-5. the choice and the compiled executable are cached per shapes, dtypes and static
-   keyword arguments.
+4. when the two best estimates are within :data:`MEASURE_WITHIN` of each other, the
+   close candidates are run (on the call's arrays, or on stand-in arrays of the same
+   shapes while tracing) and the fastest wins, so near-ties are settled by measurement
+   rather than by the model;
+5. the choice is cached per shapes, dtypes and static keyword arguments, and the
+   dispatcher is itself a ``jax.jit`` function, so later calls cost what the chosen
+   implementation costs.
 
-Under an outer ``jax.jit`` the choice is made at trace time from the estimates.
+The selection happens when the dispatcher is traced, so it works the same inside an
+outer ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -118,13 +121,36 @@ def _time(compiled: Any, args: tuple, repeats: int = 2) -> float:
   return best
 
 
+def _stand_in(tree: PyTree) -> PyTree | None:
+  """Concrete arrays with the shapes and dtypes of ``tree`` (for timing while tracing)."""
+  key = jax.random.PRNGKey(0)
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  out = []
+  for x in leaves:
+    shape, dtype = np.shape(x), jax.dtypes.result_type(x)
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      return None
+    if jax.dtypes.issubdtype(dtype, np.floating):
+      key, sub = jax.random.split(key)
+      out.append(jax.random.normal(sub, shape, dtype))
+    else:
+      out.append(np.zeros(shape, dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 class _AutoNtk:
-  """Callable ``ntk_fn(x1, x2, variables, **kwargs)`` dispatching to the chosen candidate."""
+  """Callable ``ntk_fn(x1, x2, variables, **kwargs)`` dispatching to the chosen candidate.
+
+  Attributes:
+    cache: ``{signature: implementation}`` of the choices made so far.
+    last_estimates: the :class:`Estimate` list of the latest selection.
+  """
 
   def __init__(self, candidates: Mapping[Any, Callable[..., PyTree]]):
     self.candidates = dict(candidates)
-    self.cache: dict[Any, tuple[Any, Any]] = {}
+    self.cache: dict[Any, Any] = {}
     self.last_estimates: list[Estimate] = []
+    self._dispatch: dict[Any, Callable] = {}
 
   def _key(self, x1: PyTree, x2: PyTree, variables: Any, dyn: list, treedef: Any,
            static: tuple) -> Any:
@@ -139,15 +165,18 @@ class _AutoNtk:
              ) -> Any:
     """Returns the implementation ``auto`` uses for these arguments."""
     dyn, treedef, static = _partition_kwargs(kwargs)
-    return self._select(x1, x2, variables, dyn, treedef, static)[0]
+    return self._select(x1, x2, variables, dyn, treedef, static)
 
   def _select(self, x1: PyTree, x2: PyTree, variables: Any, dyn: list, treedef: Any,
-              static: tuple) -> tuple[Any, Any]:
+              static: tuple) -> Any:
     key = self._key(x1, x2, variables, dyn, treedef, static)
     if key in self.cache:
       return self.cache[key]
     platform = jax.default_backend()
-    abstract = (_abstract(x1), _abstract(x2), _abstract(variables), _abstract(dyn))
+    args = (x1, x2, variables, dyn)
+    abstract = _abstract(args) if not _is_traced(args) else jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x,
+        args)
     estimates, errors = [], []
     for impl, cand in self.candidates.items():
       def fn(a: PyTree, b: PyTree, v: Any, d: list, cand: Callable = cand) -> PyTree:
@@ -163,24 +192,33 @@ class _AutoNtk:
         min(estimates, key=lambda e: e.temp_bytes)]
     fitting.sort(key=lambda e: e.seconds)
     best = fitting[0]
-    concrete = not _is_traced((x1, x2, variables, dyn))
-    if concrete and len(fitting) > 1:
-      close = [e for e in fitting if e.seconds <= MEASURE_WITHIN * best.seconds]
-      if len(close) > 1:
-        args = (x1, x2, variables, dyn)
-        for e in close:
-          e.measured = _time(e.compiled, args)
-        best = min(close, key=lambda e: e.measured)
+    close = [e for e in fitting if e.seconds <= MEASURE_WITHIN * best.seconds]
+    if len(close) > 1:
+      with jax.ensure_compile_time_eval():  # run eagerly even while being traced
+        concrete = args if not _is_traced(args) else _stand_in(abstract)
+        if concrete is not None:
+          for e in close:
+            e.measured = _time(e.compiled, concrete)
+          best = min(close, key=lambda e: e.measured)
+    for e in estimates:
+      e.compiled = None  # executables are not kept; the dispatcher compiles the winner
     self.last_estimates = estimates
-    self.cache[key] = (best.implementation, best.compiled)
-    return self.cache[key]
+    self.cache[key] = best.implementation
+    return best.implementation
 
   def __call__(self, x1: PyTree, x2: PyTree | None, variables: Any, **kwargs: Any) -> PyTree:
     dyn, treedef, static = _partition_kwargs(kwargs)
-    impl, compiled = self._select(x1, x2, variables, dyn, treedef, static)
-    if _is_traced((x1, x2, variables, dyn)):
-      return self.candidates[impl](x1, x2, variables, **kwargs)
-    return compiled(x1, x2, variables, dyn)
+
+    def dispatch(x1: PyTree, x2: PyTree | None, variables: Any, dyn: list) -> PyTree:
+      impl = self._select(x1, x2, variables, dyn, treedef, static)
+      return self.candidates[impl](x1, x2, variables, **_merge_kwargs(dyn, treedef, static))
+
+    if _is_traced((x1, x2, variables, dyn)):  # inside an outer transformation
+      return dispatch(x1, x2, variables, dyn)
+    skey = (treedef, _hashable(static))
+    if skey not in self._dispatch:
+      self._dispatch[skey] = layout_jit(dispatch)
+    return self._dispatch[skey](x1, x2, variables, dyn)
 
 
 def auto_ntk_fn(candidates: Mapping[Any, Callable[..., PyTree]]) -> _AutoNtk:

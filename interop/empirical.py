@@ -347,6 +347,9 @@ def _structured(ctx: _Ctx) -> PyTree:
   else:
     prog2 = _program(ctx, ctx.x2, ctx.kw2)
     plan1, plan2 = sd.merge_plans(prog1, plan1, prog2, sd.plan_structure(prog2))
+  groups = sd.cotangent_groups(prog1, plan1)
+  if ctx.x2 is not None:
+    groups = tuple(sorted(set(groups) & set(sd.cotangent_groups(prog2, plan2))))
   fx_axes = ctx.fx_axes_list()
   vmapped = ctx.x_axis is not None
 
@@ -371,7 +374,8 @@ def _structured(ctx: _Ctx) -> PyTree:
     n_axis = fx_axes[o] if vmapped else None
     k = sd.structured_kernel(lay, plan1, plan2, jac1[o], jac2[o], ops1, ops2, sc1, sc2,
                              metas1, metas2, n_axis, ctx.leaf_weights,
-                             ctx.kernel_dtype(out_leaf), symmetric=ctx.x2 is None)
+                             ctx.kernel_dtype(out_leaf), symmetric=ctx.x2 is None,
+                             groups=groups)
     kernels.append(k / lay.trace_size)
   return _unflatten_out(ctx, kernels)
 

@@ -420,6 +420,22 @@ def side_arrays(prog: Program, plan: Plan, param_leaves: Sequence[Any],
 # ----------------------------------------------------------------------------- contraction
 
 
+@dataclasses.dataclass
+class _Term:
+  """One structured use, labelled for contraction: side-1 and side-2 operand lists
+  (``G`` first on side 1, last on side 2) and the per-route FLOP costs."""
+
+  a_ops: list
+  a_labs: list
+  b_ops: list
+  b_labs: list
+  keep1: tuple[int, ...]
+  keep2: tuple[int, ...]
+  scale: Any
+  gram_cost: float
+  mat_cost: float
+
+
 def structured_kernel(
     layout: KernelLayout,
     plan1: Plan, plan2: Plan,
@@ -430,6 +446,7 @@ def structured_kernel(
     leaf_weights: Sequence[Any] | None,
     dtype: Any,
     symmetric: bool,
+    groups: Sequence[Sequence[int]] = (),
 ) -> jax.Array:
   """Sums the structured and generic contributions for one output leaf.
 
@@ -444,6 +461,11 @@ def structured_kernel(
   * *materialize*: per side ``J_s = G_s X_s`` (the leaf's Jacobian in the shape of
     ``u``, computed once if symmetric), then ``J_1 J_2^T``; best when weights are small
     and reused many times (convolutions).
+
+  Uses in one of ``groups`` (see :func:`cotangent_groups`) have the same cotangent
+  ``G``; when the first one takes the Gram route they are contracted together,
+  ``G_1 (F_W + F_b + ...) G_2^T`` (for ``y = x W + b``: ``F = x_1 x_2^T + 1``), so the
+  Gram of ``G`` is formed once per layer instead of once per parameter.
   """
   g1, j1 = jac1
   g2, j2 = jac2
@@ -457,7 +479,8 @@ def structured_kernel(
     return 1 + max([*m.y_labels, *m.u_labels, -1,
                     *(lab for ls in m.operand_labels for lab in ls)])
 
-  for k, (u1, u2) in enumerate(zip(plan1.structured, plan2.structured)):
+  terms: list[_Term] = []
+  for k, (u1, _) in enumerate(zip(plan1.structured, plan2.structured)):
     m1, m2 = metas1[k], metas2[k]
     n1, n2 = n_labels(m1), n_labels(m2)
     ren1 = {lab: nxt + lab for lab in range(n1)}
@@ -492,6 +515,7 @@ def structured_kernel(
 
     a_ops, a_labs = side(g1, ops1, scales1, m1, ren1, layout.labels1)
     b_ops, b_labs = side(g2, ops2, scales2, m2, ren2, layout.labels2)
+    b_ops, b_labs = b_ops[1:] + b_ops[:1], b_labs[1:] + b_labs[:1]  # G_2 last
     keep1 = tuple(layout.labels1) + tuple(tied)
     keep2 = tuple(layout.labels2) + tuple(tied)
     gram_cost = contraction_cost(a_ops + b_ops, a_labs + b_labs, layout.out_labels)
@@ -499,13 +523,28 @@ def structured_kernel(
                 + contraction_cost([_shape_of(a_ops, a_labs, keep1),
                                     _shape_of(b_ops, b_labs, keep2)],
                                    [keep1, keep2], layout.out_labels))
-    if mat_cost < gram_cost:
-      ja = contract(a_ops, a_labs, keep1)
-      jb = ja if symmetric else contract(b_ops, b_labs, keep2)
-      term = contract([ja, jb], [keep1, keep2], layout.out_labels)
+    terms.append(_Term(a_ops, a_labs, b_ops, b_labs, keep1, keep2,
+                       m1.scale * m2.scale * weight(u1.leaf), gram_cost, mat_cost))
+
+  done: set[int] = set()
+  for group in groups:
+    if len(group) < 2 or terms[group[0]].mat_cost < terms[group[0]].gram_cost:
+      continue
+    fused = _fused_gram(layout, [terms[k] for k in group])
+    if fused is not None:
+      total = total + fused.astype(dtype)
+      done.update(group)
+
+  for k, t in enumerate(terms):
+    if k in done:
+      continue
+    if t.mat_cost < t.gram_cost:
+      ja = contract(t.a_ops, t.a_labs, t.keep1)
+      jb = ja if symmetric else contract(t.b_ops, t.b_labs, t.keep2)
+      term = contract([ja, jb], [t.keep1, t.keep2], layout.out_labels)
     else:
-      term = contract(a_ops + b_ops, a_labs + b_labs, layout.out_labels)
-    total = total + (m1.scale * m2.scale * weight(u1.leaf)) * term.astype(dtype)
+      term = contract(t.a_ops + t.b_ops, t.a_labs + t.b_labs, layout.out_labels)
+    total = total + t.scale * term.astype(dtype)
 
   for j, leaf in enumerate(plan1.generic):
     a, b = j1[j], j2[j]
@@ -515,6 +554,75 @@ def structured_kernel(
                     layout.out_labels)
     total = total + weight(leaf) * term.astype(dtype)
   return total
+
+
+def _fused_gram(layout: KernelLayout, terms: Sequence[_Term]) -> jax.Array | None:
+  """``G_1 (sum_t F_t) G_2^T`` for uses sharing ``G``; ``None`` if their ties differ."""
+  n_basis = len(layout.labels1)
+  canon1 = terms[0].a_labs[0][n_basis:]  # y labels of the first use, side 1
+  canon2 = terms[0].b_labs[-1][n_basis:]
+  ties = [a == b for a, b in zip(canon1, canon2)]
+  g_labels = set(layout.labels1) | set(layout.labels2) | set(canon1) | set(canon2)
+  sizes = dict(zip(tuple(layout.labels1) + canon1, jnp.shape(terms[0].a_ops[0])))
+  sizes.update(zip(tuple(layout.labels2) + canon2, jnp.shape(terms[0].b_ops[-1])))
+  factors = []
+  for t in terms:
+    y1, y2 = t.a_labs[0][n_basis:], t.b_labs[-1][n_basis:]
+    if len(y1) != len(canon1) or [a == b for a, b in zip(y1, y2)] != ties:
+      return None
+    relabel = dict(zip(y1, canon1))
+    relabel.update(zip(y2, canon2))
+    ops = t.a_ops[1:] + t.b_ops[:-1]
+    labs = [tuple(relabel.get(x, x) for x in ls) for ls in t.a_labs[1:] + t.b_labs[:-1]]
+    out = list(dict.fromkeys(x for ls in labs for x in ls if x in g_labels))
+    f = contract(ops, labs, out) if ops else jnp.ones(())
+    factors.append((f * t.scale, out))
+  union = list(dict.fromkeys(x for _, out in factors for x in out))
+  total_f = 0.0
+  for f, out in factors:
+    order = sorted(range(len(out)), key=lambda i: union.index(out[i]))
+    f = jnp.transpose(f, order) if out else f
+    present = {out[i] for i in order}
+    total_f = total_f + jnp.reshape(f, [sizes[x] if x in present else 1 for x in union])
+  total_f = jnp.broadcast_to(total_f, [sizes[x] for x in union])
+  g_a, g_b = terms[0].a_ops[0], terms[0].b_ops[-1]
+  return contract([g_a, total_f, g_b],
+                  [terms[0].a_labs[0], tuple(union), terms[0].b_labs[-1]], layout.out_labels)
+
+
+def cotangent_groups(prog: Program, plan: Plan) -> tuple[tuple[int, ...], ...]:
+  """Structured uses whose cotangents ``G`` coincide.
+
+  A bias ``y = r + b`` (or ``r - b``) whose other operand ``r`` is the output of another
+  structured equation and used nowhere else has ``df/dr = df/dy``. Returns groups of
+  use indices, the first of each being the use the others follow.
+  """
+  producer = {o: n for n, node in enumerate(prog.nodes) for o in node.outs}
+  use_of_node = {u.node: k for k, u in enumerate(plan.structured)}
+  cons = _consumers(prog)
+  parent: dict[int, int] = {}
+  for k, u in enumerate(plan.structured):
+    node = prog.nodes[u.node]
+    name = node.eqn.primitive.name
+    if name not in ("add", "add_any", "sub") or (name == "sub" and u.pos != 1):
+      continue
+    r = node.ins[1 - u.pos]
+    if not isinstance(r, int) or producer.get(r) not in use_of_node:
+      continue
+    if len(cons.get(r, [])) != 1 or prog.avals[r].shape != prog.avals[node.outs[0]].shape:
+      continue
+    parent[k] = use_of_node[producer[r]]
+
+  def root(k: int) -> int:
+    while k in parent:
+      k = parent[k]
+    return k
+
+  groups: dict[int, list[int]] = {}
+  for k in range(len(plan.structured)):
+    groups.setdefault(root(k), []).append(k)
+  return tuple(tuple([r] + [k for k in ks if k != r]) for r, ks in groups.items()
+               if len(ks) > 1)
 
 
 def _shape_of(operands: Sequence[Any], labels: Sequence[Sequence[int]],

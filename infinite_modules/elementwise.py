@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from infinite_modules import expectations as ex
@@ -115,6 +116,50 @@ def is_linear(expr) -> bool:
   return visit(expr)
 
 
+_BOOLEAN = frozenset({"eq", "ne", "ge", "gt", "le", "lt", "and", "or", "not", "xor", "is_finite"})
+_COMPARE_DIFFERENCE = frozenset({"max", "min", "eq", "ne", "ge", "gt", "le", "lt"})
+
+
+def switches(expr) -> list:
+  """Switching functions g of expr: phi is smooth wherever no g(z) changes sign.
+
+  max/min/comparisons switch on the difference of their operands, abs/sign on
+  their operand, clamp on the operand minus each bound. Each g is an
+  expression of z (evaluated like expr); duplicates are dropped.
+  """
+  memo: dict = {}
+  found: dict = {}
+
+  def boolean(e) -> bool:
+    return e[0] == "op" and e[1].name in _BOOLEAN
+
+  def add(key, g):
+    if depends_on_z(g, memo):
+      found.setdefault(key, g)
+
+  seen: set = set()
+
+  def visit(e):
+    if id(e) in seen or e[0] != "op":
+      return
+    seen.add(id(e))
+    name, args = e[1].name, e[3]
+    if name in _COMPARE_DIFFERENCE and len(args) == 2 and not any(map(boolean, args)):
+      a, b = args
+      add(("sub", id(a), id(b)), node(jax.lax.sub_p, {}, (a, b)))
+    elif name in ("abs", "sign") and not boolean(args[0]):
+      add(("id", id(args[0])), args[0])
+    elif name == "clamp":
+      lo, x, hi = args
+      add(("sub", id(x), id(lo)), node(jax.lax.sub_p, {}, (x, lo)))
+      add(("sub", id(x), id(hi)), node(jax.lax.sub_p, {}, (x, hi)))
+    for a in args:
+      visit(a)
+
+  visit(expr)
+  return list(found.values())
+
+
 def evaluate(expr, z, ctx_values):
   """Evaluates expr elementwise, broadcasting z and the constants.
 
@@ -141,7 +186,12 @@ def evaluate(expr, z, ctx_values):
       vals = [visit(a) for a in args]
       shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in vals))
       vals = [jnp.broadcast_to(v, shape) for v in vals]
-      out = prim.bind(*vals, **params)
+      if prim.name == "convert_element_type" and jnp.issubdtype(params["new_dtype"],
+                                                                 jnp.floating):
+        # float targets follow the kernel's dtype (float32 models, float64 kernels)
+        out = vals[0].astype(jnp.result_type(z))
+      else:
+        out = prim.bind(*vals, **params)
     memo[key] = out
     return out
 
@@ -218,6 +268,7 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
   v1 = diag_of(root.var1, d, full) - m1 * m1
   v2 = diag_of(root.var2, d, full) - m2 * m2
 
+  kinks = switches(expr)
   form = None
   if not ctx and root.mean1 is None and root.mean2 is None:
     form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
@@ -234,12 +285,17 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
         dphi = ex.derivative(lambda t: evaluate(expr, t, ()))
         dkappa = ex.pair_expectation(dphi, dphi, cov, va_b, vb_b, ma_b, mb_b, points)
       return kappa, dkappa
-    ca, cb = _with_trailing(ctx_a), _with_trailing(ctx_b)
-    fa = lambda t: evaluate(expr, t, ca)
-    fb = lambda t: evaluate(expr, t, cb)
-    kappa = ex.pair_expectation(fa, fb, cov, va_b, vb_b, ma_b, mb_b, points)
-    dkappa = ex.pair_expectation(ex.derivative(fa), ex.derivative(fb), cov, va_b, vb_b, ma_b,
-                                 mb_b, points)
+    fa, breaks_a = _side(expr, kinks, ctx_a, va_b, ma_b)
+    fb, breaks_b = _side(expr, kinks, ctx_b, vb_b, mb_b)
+    dfa, dfb = ex.derivative(fa), ex.derivative(fb)
+    if kinks:
+      kappa = ex.pair_expectation_piecewise(fa, fb, cov, va_b, vb_b, ma_b, mb_b, breaks_a,
+                                            breaks_b)
+      dkappa = ex.pair_expectation_piecewise(dfa, dfb, cov, va_b, vb_b, ma_b, mb_b, breaks_a,
+                                             breaks_b)
+    else:
+      kappa = ex.pair_expectation(fa, fb, cov, va_b, vb_b, ma_b, mb_b, points)
+      dkappa = ex.pair_expectation(dfa, dfb, cov, va_b, vb_b, ma_b, mb_b, points)
     return kappa, dkappa
 
   pair_sides = _ctx_pair(ctx, d, full, True) if ctx else _Sides((), ())
@@ -254,8 +310,7 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
   def mean(va, ma, cvals):
     if form is not None:
       return ex.affine_mean(form, va)
-    cvals = _with_trailing(cvals)
-    return ex.expectation(lambda t: evaluate(expr, t, cvals), va, ma, points)
+    return _expectation(expr, kinks, cvals, va, ma, points)
 
   return dataclasses.replace(
       root, nngp=nngp, ntk=dk * root.ntk, var1=var1, var2=var2,
@@ -288,6 +343,22 @@ def means(root: Root, expr, full: bool, points: int):
     if not root.gaussian:
       raise NotGaussianError()
     v = diag_of(var, d, full) - m * m
-    trailing = _with_trailing(cvals)
-    out.append(ex.expectation(lambda t, c=trailing: evaluate(expr, t, c), v, m, points))
+    out.append(_expectation(expr, switches(expr), cvals, v, m, points))
   return tuple(out)
+
+
+def _side(expr, kinks, ctx_values, var, mean):
+  """phi at one side of a pair (its location constants bound) and its breakpoints."""
+  by_node = {id(n): c for n, c in zip(ctx_nodes(expr), _with_trailing(ctx_values))}
+  f = lambda t: evaluate(expr, t, by_node)
+  if not kinks:
+    return f, None
+  gs = [lambda t, g=g: evaluate(g, t, by_node) for g in kinks]
+  return f, ex.switch_points(gs, mean, ex.safe_sqrt(var), jnp.result_type(var))
+
+
+def _expectation(expr, kinks, ctx_values, var, mean, points):
+  f, breaks = _side(expr, kinks, ctx_values, var, mean)
+  if kinks:
+    return ex.expectation_piecewise(f, var, mean, breaks)
+  return ex.expectation(f, var, mean, points)

@@ -11,6 +11,7 @@ abstract values of its inputs to those of its outputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
@@ -156,17 +157,19 @@ _ALWAYS_RULE: set[str] = set()
 def evaluate_concrete(eqn: Eqn, invals) -> list:
   """Evaluates a primitive on both batches (values depending on inputs only)."""
   in_batch = any(v.batch_axis is not None for v in invals)
-  if not in_batch and not any(isinstance(v.v1, jax.core.Tracer) for v in invals):
-    # Input-independent constants (e.g. BatchNorm running statistics) stay
-    # concrete even inside a jit trace, so their values can be checked.
-    with jax.ensure_compile_time_eval():
-      outs1 = _bind(eqn.e1, [v.v1 for v in invals])
-  else:
+  constant = not in_batch and not any(isinstance(v.v1, jax.core.Tracer) for v in invals)
+  # A value with no batch axis in any input can still have one in its output
+  # (jnp.zeros_like(x) is a broadcast of a literal to x's shape): it is then
+  # evaluated on the second batch's shapes as well.
+  batch_out = any(eqn.out_batch_axis(k) is not None for k in range(len(eqn.e1.outvars)))
+  # Input-independent constants (e.g. BatchNorm running statistics) stay
+  # concrete even inside a jit trace, so their values can be checked.
+  with jax.ensure_compile_time_eval() if constant else contextlib.nullcontext():
     outs1 = _bind(eqn.e1, [v.v1 for v in invals])
-  if all(v.batch_axis is None for v in invals):
-    outs2 = outs1
-  else:
-    outs2 = _bind(eqn.e2, [v.v2 for v in invals])
+    if in_batch or batch_out:
+      outs2 = _bind(eqn.e2, [v.v2 for v in invals])
+    else:
+      outs2 = outs1
   results = []
   for k, (o1, o2) in enumerate(zip(outs1, outs2)):
     axis = eqn.out_batch_axis(k)

@@ -160,33 +160,12 @@ RELU_FORMS = {
 }
 
 
-BROADCAST_BUG = (
-    "BUG: a constant broadcast to the batch shape (jnp.where(h > 0, h, 0.), zeros_like) is "
-    "evaluated on batch 1 only (interpreter.evaluate_concrete reuses outs1 for side 2 when no "
-    "input has a batch axis), so kf(x1, x2) with n1 != n2 raises a broadcasting ValueError")
-NOT_RECOGNIZED = (
-    "BUG: relu written with a broadcast constant (jnp.where(h > 0, h, 0.), lax.max(h, "
-    "zeros_like(h))) becomes a location constant, which disables closed-form recognition; "
-    "the quadrature fallback is 0.2% (nngp) / 0.9% (ntk) off the arccos kernel")
-BOOL_CAST_BUG = (
-    "BUG: h * (h > 0) raises TypeError: rules/elementwise.py drops every "
-    "convert_element_type of a field, including bool -> float, so phi multiplies by a bool")
-
-_FORM_XFAIL = {
-    "where": BROADCAST_BUG, "where_ge": BROADCAST_BUG, "where_lt": BROADCAST_BUG,
-    "lax_max": BROADCAST_BUG, "mask_mul": BOOL_CAST_BUG,
-}
-
-
 _SLOW_RELU_FORMS = {"jax.nn.relu", "maximum_flipped", "where_ge", "where_lt", "lax_max",
                     "relu6_far"}
 
 
 def _form_marks(f):
-  marks = [pytest.mark.slow] if f in _SLOW_RELU_FORMS else []
-  if f in _FORM_XFAIL:
-    marks.append(pytest.mark.xfail(reason=_FORM_XFAIL[f], strict=True))
-  return marks
+  return [pytest.mark.slow] if f in _SLOW_RELU_FORMS else []
 
 
 @pytest.mark.parametrize("form", [pytest.param(f, marks=_form_marks(f)) for f in RELU_FORMS])
@@ -197,7 +176,6 @@ def test_relu_forms_match_arccos(form, x64):
   assert rel_err(k.ntk, ntk) < 1e-10, rel_err(k.ntk, ntk)
 
 
-@pytest.mark.xfail(reason=NOT_RECOGNIZED, strict=True)
 @pytest.mark.parametrize("form", ["where", pytest.param("lax_max", marks=pytest.mark.slow)])
 def test_where_relu_same_batch_matches_arccos(form, x64):
   """With x2=None (no batch-size mismatch) the where-relu still must hit the closed form."""
@@ -207,7 +185,6 @@ def test_where_relu_same_batch_matches_arccos(form, x64):
   assert rel_err(k.nngp, nngp) < 1e-10 and rel_err(k.ntk, ntk) < 1e-10
 
 
-@pytest.mark.xfail(reason=BROADCAST_BUG, strict=True, raises=ValueError)
 def test_broadcast_constant_with_different_batch_sizes(x64):
   """Minimal: tanh(h) + zeros_like(h) with n1 != n2."""
   kf = im.kernel_fn(OneHidden(lambda h: jnp.tanh(h) + jnp.zeros_like(h)), X1[:1])
@@ -216,7 +193,6 @@ def test_broadcast_constant_with_different_batch_sizes(x64):
   np.testing.assert_allclose(k12.nngp, ref.nngp, rtol=1e-10)
 
 
-@pytest.mark.xfail(reason=BOOL_CAST_BUG, strict=True, raises=TypeError)
 def test_bool_mask_cast(x64):
   k = _kernels(lambda h: h * (h > 0).astype(h.dtype))
   assert rel_err(k.nngp, arccos_kernels(X1, X2)[0]) < 1e-10
@@ -327,13 +303,11 @@ def test_near_relu_is_not_mistaken_for_relu(name):
   assert rel_err(k, exact) < 2e-2
 
 
-@pytest.mark.xfail(reason="BUG: Gauss-Hermite quadrature of non-smooth phi that is not "
-                   "recognized (relu + 1e-3 tanh, a shifted relu, a capped relu) is "
-                   "only ~1% accurate with the default 48 points, silently", strict=True)
 @pytest.mark.parametrize("name", list(NEAR_RELU))
 def test_near_relu_quadrature_is_accurate(name):
+  """Kinked phi that are not recognized use quadrature split at their kinks: exact to 1e-8."""
   k, exact = _near_relu(name)
-  assert rel_err(k, exact) < 1e-4, rel_err(k, exact)
+  assert rel_err(k, exact) < 1e-8, rel_err(k, exact)
 
 
 def test_relu_plus_tanh_vs_monte_carlo():

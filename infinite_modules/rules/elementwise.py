@@ -102,15 +102,24 @@ def elementwise_rule(interp, eqn, invals):
       args.append(v.expr if v.expr is not None else ew.Z)
     else:
       scalar_like = v.batch_axis is None and jnp.ndim(v.v1) == 0
-      if scalar_like:
+      # A constant known to be the same everywhere (jnp.zeros_like(x), a
+      # broadcast literal) is a scalar too, whatever its shape.
+      uniform = np.size(v.v1) > 0 and len(v.const_axes) == jnp.ndim(v.v1)
+      if scalar_like or uniform:
         # Keep literals as numpy values: a jnp value would be staged into the
         # surrounding jit trace and block closed-form recognition.
-        lit = v.v1 if isinstance(v.v1, jax.core.Tracer) else np.asarray(v.v1)
+        if isinstance(v.v1, jax.core.Tracer):
+          lit = jnp.ravel(v.v1)[0]
+        else:
+          lit = np.asarray(v.v1).reshape(-1)[0]
         args.append(("lit", lit))
       else:
         args.append(("ctx", to_location(v, template, eqn)))
-  if eqn.name == "convert_element_type" and len(args) == 1:
-    # Keep phi in the kernel's dtype: the model's casts are no-ops on moments.
+  if (eqn.name == "convert_element_type" and len(args) == 1
+      and jnp.issubdtype(eqn.e1.invars[0].aval.dtype, jnp.floating)
+      and jnp.issubdtype(eqn.params["new_dtype"], jnp.floating)):
+    # Keep phi in the kernel's dtype: float casts are no-ops on moments. Casts
+    # from bool/int (a mask h > 0) stay in phi, evaluated in the kernel's dtype.
     return [template]
   expr = ew.node(eqn.primitive, eqn.params, args)
   return [Field(template.root, template.axes, expr)]

@@ -29,3 +29,12 @@ def unsupported(primitive: str, where: str, why: str, hint: str | None = None) -
   location = f" in module `{where}`" if where else ""
   return UnsupportedPrimitiveError(
       f"`{primitive}`{location}: {why} {hint}")
+
+
+NOT_GAUSSIAN_WHY = (
+    "a nonlinearity is applied to a field that is not Gaussian (e.g. the sum of a "
+    "nonlinearity's output and another field, or a field plus a non-Gaussian bias), "
+    "whose kernel depends on more than its covariance.")
+NOT_GAUSSIAN_HINT = (
+    "Apply a linear layer (Dense/Conv) before the nonlinearity, or use "
+    "`interop.monte_carlo_kernel_fn`.")

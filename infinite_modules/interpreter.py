@@ -47,6 +47,9 @@ class Eqn:
   e1: jcore.JaxprEqn
   e2: jcore.JaxprEqn
   ep: jcore.JaxprEqn
+  # Module path of the enclosing call (a jit/pjit sub-jaxpr's name stacks are
+  # relative to the call site).
+  prefix: str = ""
 
   @property
   def name(self) -> str:
@@ -63,7 +66,7 @@ class Eqn:
   @property
   def where(self) -> str:
     stack = str(getattr(self.e1.source_info, "name_stack", "") or "")
-    return stack
+    return "/".join(part for part in (self.prefix, stack) if part)
 
   def out_batch_axis(self, k: int = 0) -> int | None:
     return batch_axis_of(self.e1.outvars[k].aval.shape, self.ep.outvars[k].aval.shape)
@@ -117,8 +120,9 @@ def _literal_value(v):
   return np.asarray(v.val)
 
 
-def run_jaxpr(interp: Interpreter, j1, j2, jp, consts1, consts2, invals):
-  """Interprets one (sub-)jaxpr given in its three traces."""
+def run_jaxpr(interp: Interpreter, j1, j2, jp, consts1, consts2, invals, prefix: str = ""):
+  """Interprets one (sub-)jaxpr given in its three traces; `prefix` is the module
+  path of the call that contains it."""
   env: dict = {}
 
   def read(var):
@@ -132,7 +136,7 @@ def run_jaxpr(interp: Interpreter, j1, j2, jp, consts1, consts2, invals):
   for v, x in zip(j1.invars, invals):
     env[v] = x
   for e1, e2, ep in zip(j1.eqns, j2.eqns, jp.eqns):
-    eqn = Eqn(e1, e2, ep)
+    eqn = Eqn(e1, e2, ep, prefix)
     invals_e = [read(v) for v in e1.invars]
     outs = apply_rule(interp, eqn, invals_e)
     for v, o in zip(e1.outvars, outs):
@@ -221,7 +225,7 @@ def enter_call(interp: Interpreter, eqn: Eqn, invals):
   """Rule for call-like primitives: interpret the inner jaxpr."""
   inner = [_inner_jaxpr(e) for e in (eqn.e1, eqn.e2, eqn.ep)]
   (j1, c1), (j2, c2), (jp, _) = inner
-  return run_jaxpr(interp, j1, j2, jp, c1, c2, invals)
+  return run_jaxpr(interp, j1, j2, jp, c1, c2, invals, prefix=eqn.where)
 
 
 def _inner_jaxpr(e):

@@ -88,7 +88,8 @@ def _haiku_fans(shape: Sequence[int], fan_in_axes) -> tuple[float, float]:
 
 
 def _scaled_variance(scale: float, mode: str, fan_in: float, fan_out: float, clamp: bool) -> float:
-  denominators = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
+  denominators = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2,
+                  "fan_geo_avg": (fan_in * fan_out) ** 0.5}
   if mode not in denominators:
     raise PriorError(f"Unknown variance_scaling mode {mode!r}.")
   denominator = denominators[mode]

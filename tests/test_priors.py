@@ -72,9 +72,6 @@ def test_jax_variance_scaling(shape, mode, distribution):
   check_moments(draw_jax(init, shape), im.prior_from_initializer(init, shape))
 
 
-@pytest.mark.xfail(reason="BUG (gap): variance_scaling mode 'fan_geo_avg' (jax >= 0.4.30) "
-                   "raises PriorError 'Unknown variance_scaling mode'", strict=True,
-                   raises=im.PriorError)
 @pytest.mark.parametrize("distribution", VS_DISTS)
 def test_jax_variance_scaling_fan_geo_avg(distribution):
   init = jinit.variance_scaling(1.0, "fan_geo_avg", distribution)

@@ -13,8 +13,9 @@ bound by memory traffic (it streams ``N * O * P`` Jacobian entries). Here:
 3. candidates whose compiled temporary memory does not fit in the device are skipped;
 4. when the two best estimates are within :data:`MEASURE_WITHIN` of each other, the
    close candidates are run (on the call's arrays, or on stand-in arrays of the same
-   shapes while tracing) and the fastest wins, so near-ties are settled by measurement
-   rather than by the model;
+   shapes while tracing; interleaved for :data:`MEASURE_ROUNDS` rounds, minimum per
+   candidate) and the fastest wins, so near-ties are settled by measurement rather
+   than by the model;
 5. the choice is cached per shapes, dtypes and static keyword arguments, and the
    dispatcher is itself a ``jax.jit`` function, so later calls cost what the chosen
    implementation costs.
@@ -42,7 +43,7 @@ from interop._layout import partition_kwargs as _partition_kwargs
 
 PyTree = Any
 
-__all__ = ["MEASURE_WITHIN", "THROUGHPUT", "Estimate", "auto_ntk_fn"]
+__all__ = ["MEASURE_ROUNDS", "MEASURE_WITHIN", "THROUGHPUT", "Estimate", "auto_ntk_fn"]
 
 #: Sustained (FLOP/s, bytes/s) per backend platform for the cost model.
 THROUGHPUT: dict[str, tuple[float, float]] = {
@@ -111,14 +112,24 @@ def estimate(impl: Any, fn: Callable, args: tuple, platform: str) -> Estimate:
   return Estimate(impl, flops, nbytes, temp, flops / f + nbytes / b, compiled)
 
 
-def _time(compiled: Any, args: tuple, repeats: int = 2) -> float:
-  jax.block_until_ready(compiled(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    best = min(best, time.perf_counter() - t)
-  return best
+#: Timing rounds for near-ties; each round runs every close candidate once.
+MEASURE_ROUNDS = 3
+
+
+def _time_round_robin(estimates: list[Estimate], args: tuple,
+                      rounds: int = MEASURE_ROUNDS) -> None:
+  """Sets ``e.measured`` to the minimum wall time of ``e.compiled(*args)`` for each
+  estimate, after one warm-up call each. The candidates are interleaved round by round,
+  so that a load change on a shared machine affects all of them alike instead of
+  favouring whichever happened to be timed in a quiet moment."""
+  for e in estimates:
+    jax.block_until_ready(e.compiled(*args))
+    e.measured = float("inf")
+  for _ in range(rounds):
+    for e in estimates:
+      t = time.perf_counter()
+      jax.block_until_ready(e.compiled(*args))
+      e.measured = min(e.measured, time.perf_counter() - t)
 
 
 def _stand_in(tree: PyTree) -> PyTree | None:
@@ -197,8 +208,7 @@ class _AutoNtk:
       with jax.ensure_compile_time_eval():  # run eagerly even while being traced
         concrete = args if not _is_traced(args) else _stand_in(abstract)
         if concrete is not None:
-          for e in close:
-            e.measured = _time(e.compiled, concrete)
+          _time_round_robin(close, concrete)
           best = min(close, key=lambda e: e.measured)
     for e in estimates:
       e.compiled = None  # executables are not kept; the dispatcher compiles the winner

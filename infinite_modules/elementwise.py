@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from infinite_modules import expectations as ex
 from infinite_modules.moments import diag_of, pair_broadcast
@@ -157,7 +158,53 @@ def switches(expr) -> list:
       visit(a)
 
   visit(expr)
-  return list(found.values())
+  return [(g, monotone(g)) for g in found.values()]
+
+
+_INCREASING = frozenset({"atan", "asinh", "atanh", "cbrt", "erf", "erf_inv", "exp", "exp2",
+                         "expm1", "log", "log1p", "logistic", "sinh", "sqrt", "tanh",
+                         "convert_element_type", "copy", "copy_p", "reduce_precision"})
+
+
+def monotone(expr) -> bool:
+  """Whether expr is structurally monotone in z at each location (then it has at
+  most one root there)."""
+  memo: dict = {}
+  either = 2  # monotone, direction unknown (e.g. times a location constant)
+
+  def merge(dirs):
+    moving = {d for d in dirs if d != 0}
+    if len(moving) != 1:
+      return None
+    (d,) = moving
+    return d if d != either or sum(x != 0 for x in dirs) == 1 else None
+
+  def direction(e):
+    """+1 / -1 increasing / decreasing in z, `either`, 0 constant, None unknown."""
+    if not depends_on_z(e, memo):
+      return 0
+    if e[0] == "z":
+      return 1
+    name, args = e[1].name, e[3]
+    dirs = [direction(a) for a in args]
+    if None in dirs:
+      return None
+    if name in _INCREASING or name in ("max", "min", "add"):
+      return merge(dirs)
+    if name == "neg":
+      return dirs[0] if dirs[0] == either else -dirs[0]
+    if name == "sub":
+      return merge([dirs[0], dirs[1] if dirs[1] == either else -dirs[1]])
+    if (name == "mul" and 0 in dirs) or (name == "div" and dirs[1] == 0):
+      k = 0 if dirs[0] != 0 else 1  # the z-dependent factor
+      constant = args[1 - k]
+      if constant[0] == "lit" and not isinstance(constant[1], jax.core.Tracer) \
+          and np.ndim(constant[1]) == 0 and float(constant[1]) != 0:
+        return dirs[k] if dirs[k] == either else dirs[k] * int(np.sign(float(constant[1])))
+      return either  # a fixed factor at each location
+    return None
+
+  return direction(expr) is not None
 
 
 def evaluate(expr, z, ctx_values):
@@ -271,7 +318,9 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
   kinks = switches(expr)
   form = None
   if not ctx and root.mean1 is None and root.mean2 is None:
-    form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
+    gs = [lambda t, g=g: evaluate(g, t, ()) for g, _ in kinks]
+    if ex.kinks_only_at_zero(gs, dtype):
+      form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
 
   def moments(arr, ctx_a, ctx_b, va, vb, ma, mb, pair):
     """Returns E[phi(u) phi(v)] and E[phi'(u) phi'(v)] for one moment array."""
@@ -353,7 +402,7 @@ def _side(expr, kinks, ctx_values, var, mean):
   f = lambda t: evaluate(expr, t, by_node)
   if not kinks:
     return f, None
-  gs = [lambda t, g=g: evaluate(g, t, by_node) for g in kinks]
+  gs = [(lambda t, g=g: evaluate(g, t, by_node), mono) for g, mono in kinks]
   return f, ex.switch_points(gs, mean, ex.safe_sqrt(var), jnp.result_type(var))
 
 

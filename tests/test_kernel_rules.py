@@ -617,3 +617,30 @@ def test_namedtuple_type_is_stable(relu_model):
   a = kf(X1[:2].astype(np.float32), get=("nngp", "ntk"))
   b = kf(X1[:2].astype(np.float32), get=("nngp", "ntk"))
   assert type(a) is type(b) and a._fields == ("nngp", "ntk")
+
+
+KINKED = {
+    # phi with kinks or jumps, none of them a closed form: piecewise quadrature. (jax phi,
+    # numpy phi, numpy phi', kinks)
+    "hard_tanh": (nn.hard_tanh, lambda t: min(max(t, -1.0), 1.0),
+                  lambda t: float(-1 < t < 1), (-1.0, 1.0)),
+    "relu6": (nn.relu6, lambda t: min(max(t, 0.0), 6.0), lambda t: float(0 < t < 6), (0.0, 6.0)),
+    "elu": (nn.elu, lambda t: t if t > 0 else np.expm1(t), lambda t: 1.0 if t > 0 else np.exp(t),
+            (0.0,)),
+    "hard_swish": (nn.hard_swish, lambda t: t * min(max(t + 3, 0.0), 6.0) / 6,
+                   lambda t: 0.0 if t < -3 else (1.0 if t > 3 else (2 * t + 3) / 6), (-3.0, 3.0)),
+    "clip_shifted": (lambda h: jnp.clip(h + 0.4, -0.5, 2.0), lambda t: min(max(t + 0.4, -0.5), 2.0),
+                     lambda t: float(-0.9 < t < 1.6), (-0.9, 1.6)),
+}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in ("relu6", "clip_shifted") else n
+    for n in KINKED])
+def test_kinked_phi_vs_numerical_integration(name, x64):
+  """NNGP and NTK (whose phi' jumps) of kinked phi, to 1e-8 against adaptive quadrature."""
+  phi_jax, phi_np, dphi_np, kinks = KINKED[name]
+  k = _kernels(phi_jax)
+  nngp, ntk = one_hidden_kernels(phi_np, dphi_np, X1, X2, kinks=kinks)
+  assert rel_err(k.nngp, nngp) < 1e-8, rel_err(k.nngp, nngp)
+  assert rel_err(k.ntk, ntk) < 1e-8, rel_err(k.ntk, ntk)

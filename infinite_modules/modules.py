@@ -88,14 +88,39 @@ def _interceptor(next_fun, args, kwargs, context):
   return module_call_p.bind(args[0], holder=_Opaque(context.module, rule), out_aval=aval)
 
 
+# Name scope around every GroupNorm call while tracing: inside it, a reshape that splits the
+# channel axis into (groups, channels per group) is read as a fixed number of groups of
+# infinitely many channels (see `rules.structural`); elsewhere such a split raises, since
+# e.g. x.reshape(n, C // 2, 2) means pairs of channels, a fixed size.
+GROUP_NORM_SCOPE = "group_norm_groups"
+
+
+def _mark_group_norm(next_fun, args, kwargs, context, module_class):
+  if isinstance(context.module, module_class) and context.method_name == "__call__":
+    with jax.named_scope(GROUP_NORM_SCOPE):
+      return next_fun(*args, **kwargs)
+  return next_fun(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def intercept_registered_modules():
-  """While active, calls of registered module classes trace as one primitive."""
-  if not MODULE_RULES:
-    yield
-    return
-  import flax.linen as nn
-  with nn.intercept_methods(_interceptor):
+  """While active, calls of registered module classes trace as one primitive, and
+  GroupNorm calls (Flax and Haiku) trace inside `GROUP_NORM_SCOPE`."""
+  with contextlib.ExitStack() as stack:
+    try:
+      import flax.linen as nn
+      stack.enter_context(nn.intercept_methods(
+          functools.partial(_mark_group_norm, module_class=nn.GroupNorm)))
+      if MODULE_RULES:
+        stack.enter_context(nn.intercept_methods(_interceptor))
+    except ImportError:  # pragma: no cover
+      pass
+    try:
+      import haiku as hk
+      stack.enter_context(hk.intercept_methods(
+          functools.partial(_mark_group_norm, module_class=hk.GroupNorm)))
+    except ImportError:  # pragma: no cover
+      pass
     yield
 
 

@@ -26,7 +26,21 @@ import jax.numpy as jnp
 
 from infinite_modules.priors import Prior
 
-Atom = Any  # 'b' (batch), 'c' (channel), 'u' (unit), or int (root spatial dim)
+Atom = Any  # 'b' (batch), 'c' (channel), 'u' (unit), int (root spatial dim) or a group atom
+
+
+def group_atom(size: int) -> tuple:
+  """The atom of a finite axis that splits the channel axis into `size` groups.
+
+  A reshape (..., C) -> (..., G, C // G) (as GroupNorm does) leaves a field of
+  width C // G (the 'c' atom) with G i.i.d. copies along the group atom; merging
+  the two back gives the width-C field again.
+  """
+  return ("g", int(size))
+
+
+def is_group(atom: Atom) -> bool:
+  return isinstance(atom, tuple) and len(atom) == 2 and atom[0] == "g"
 
 _tokens = itertools.count()
 
@@ -82,6 +96,11 @@ class Root:
     gathered_from: (parent Root, index arrays per spatial dim) when this root
       is a gather (slice/pad/concat) of another, so gathers of one field can
       be concatenated (circular padding).
+    homogeneous: whether all channels are identically distributed. A channel
+      concatenation of different fields is not: its moments are the
+      width-weighted average, exact only for consumers symmetric in the
+      channels (dense layers, sums over channels), not for ones that pick a
+      subset of channels (channel slices, grouped convolutions, GroupNorm).
   """
   nngp: jax.Array
   ntk: jax.Array
@@ -94,6 +113,7 @@ class Root:
   gaussian: bool
   origins: frozenset
   gathered_from: Any = None
+  homogeneous: bool = True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -122,4 +142,6 @@ def atom_size(root: Root, atom: Atom, n: int) -> int:
     return root.channels
   if atom == "u":
     return 1
+  if is_group(atom):
+    return atom[1]
   return root.spatial[atom]

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infinite_modules.values import Concrete, Field, atom_size
+from infinite_modules.values import Concrete, Field, atom_size, is_group
 
 
 def logical_atoms(field: Field, n: int):
@@ -44,12 +44,13 @@ def to_location(conc: Concrete, field: Field, eqn) -> tuple:
     for i, atoms in enumerate(field.axes):
       if v.shape[i] == 1:
         continue
-      if "c" in atoms:
+      if "c" in atoms or any(is_group(a) for a in atoms):
         if (i - offset) in conc.const_axes or _uniform_along(v, i):
           v = jnp.take(v, jnp.array([0]), axis=i)
           continue
+        what = "infinite channel axis" if "c" in atoms else "channel-group axis"
         raise eqn.error(
-            "an operand varies along the infinite channel axis (a per-channel constant), so "
+            f"an operand varies along the {what} (a per-channel constant), so "
             "channels would not be identically distributed.",
             "Per-channel constants must be parameters with an i.i.d. initializer.")
       for a in atoms:
@@ -65,19 +66,27 @@ def to_location(conc: Concrete, field: Field, eqn) -> tuple:
 
 
 def from_location(arr, axes, root, n: int):
-  """Inverse of `to_location` for channel-free logical axes: (n, *S) -> logical."""
+  """Inverse of `to_location` for channel-free logical axes: (n, *S) -> logical.
+
+  Group atoms (channel groups) are broadcast: the value is the same in every group.
+  """
   d = len(root.spatial)
   names = ["b"] + list(range(d))
-  order, shape = [], []
-  for atoms in axes:
-    for a in atoms:
-      if a == "u":
-        continue
-      if a == "c":
-        raise ValueError("from_location expects no channel atom")
+  seq = [a for atoms in axes for a in atoms if a != "u"]
+  order = []
+  for a in seq:
+    if a == "c":
+      raise ValueError("from_location expects no channel atom")
+    if not is_group(a):
       order.append(names.index(a))
   # Sum out spatial dims not present (callers reduce them before).
   arr = jnp.transpose(arr, order + [i for i in range(1 + d) if i not in order]) if order else arr
+  if any(is_group(a) for a in seq):
+    for j, a in enumerate(seq):
+      if is_group(a):
+        arr = jnp.expand_dims(arr, j)
+    arr = jnp.broadcast_to(arr, tuple(atom_size(root, a, n) for a in seq) + arr.shape[len(seq):])
+  shape = []
   for atoms in axes:
     size = 1
     for a in atoms:

@@ -20,7 +20,7 @@ from infinite_modules import elementwise as ew
 from infinite_modules import moments as mo
 from infinite_modules.interpreter import RULES, Interpreter
 from infinite_modules.rules.axes import to_location
-from infinite_modules.values import Concrete, Field, ParamRef, Root, new_origin
+from infinite_modules.values import Concrete, Field, ParamRef, Root, is_group, new_origin
 
 
 def materialize(interp: Interpreter, eqn, field: Field) -> Root:
@@ -140,6 +140,7 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
         x_axes.append((j,))
         j += 1
   else:
+    _no_group_atoms(eqn, x)
     contracted_atoms = [a for i in xc for a in x.axes[i]]
     if "c" not in contracted_atoms or "b" in contracted_atoms:
       raise eqn.error("a weight must contract the field's channel axis (and not its batch "
@@ -163,21 +164,70 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
   return [Field(root, tuple(axes))]
 
 
+def _no_group_atoms(eqn, field: Field):
+  if any(is_group(a) for atoms in field.axes for a in atoms):
+    raise eqn.error(
+        f"a weight is applied to a field whose channel axis is split into groups {field.axes} "
+        "(as inside GroupNorm); merge the groups back into the channel axis first.")
+
+
+def _check_groups(eqn, lhs, rhs: ParamRef, rhs_spec, groups: int) -> int:
+  """Checks a grouped convolution; returns its contracted width (input channels per group).
+
+  With G = feature_group_count fixed and the channels per group taken to infinity,
+  output channel o sums its own group's C_in / G input channels, which are i.i.d. like
+  all channels of the field: the kernel is that of a dense convolution over C_in / G
+  channels. That needs infinitely many channels per group (not depthwise) and a field
+  whose channels are identically distributed (not a channel concatenation).
+  """
+  per_group = rhs.shape[rhs_spec[1]]
+  hint = ("Use feature_group_count=1, or `interop.monte_carlo_kernel_fn` for a Monte Carlo "
+          "estimate of this model's kernel.")
+  if isinstance(lhs, Concrete):
+    raise eqn.error(
+        f"a grouped convolution (feature_group_count={groups}) of the network's input: each "
+        "group sees different input channels, so the output channels are not identically "
+        "distributed and the output is not one infinite-width field.", hint)
+  if per_group == 1:
+    raise eqn.error(
+        f"a depthwise convolution (feature_group_count={groups}, one input channel per "
+        "group): each output channel is a finite sum of one input channel's positions, not a "
+        "sum over infinitely many channels, so it is not Gaussian at infinite width and its "
+        "kernel has no closed form in terms of the input's covariance.", hint)
+  if not lhs.root.homogeneous:
+    raise eqn.error(
+        f"a grouped convolution (feature_group_count={groups}) of a channel concatenation of "
+        "different fields: each group sees a different mix of them, which is not tracked.",
+        hint)
+  return per_group
+
+
+def _dilation_index(n: int, dilation: int, lo: int, hi: int):
+  """Positions of the zero-inserted, padded input: index[t] = input position or -1 (zero)."""
+  size = lo + hi + (n - 1) * dilation + 1
+  index = np.full(max(size, 0), -1)
+  for j in range(n):
+    pos = lo + j * dilation
+    if 0 <= pos < size:
+      index[pos] = j
+  return index
+
+
 def conv_rule(interp: Interpreter, eqn, invals):
   lhs, rhs = invals
   p = eqn.params
   if not isinstance(rhs, ParamRef) or not isinstance(lhs, (Field, Concrete)):
     raise eqn.error("only convolutions of a field or input with a weight parameter are exact.")
-  if any(v != 1 for v in p["lhs_dilation"]):
-    raise eqn.error("transposed convolutions (input dilation) are not supported.",
-                    "Use a regular convolution or `interop.monte_carlo_kernel_fn`.")
-  if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-    raise eqn.error("grouped/depthwise convolutions are not supported (channels within a "
-                    "group share inputs, so the kernel is not the one of i.i.d. channels).",
-                    "Use feature_group_count=1 or `interop.monte_carlo_kernel_fn`.")
+  if p["batch_group_count"] != 1:
+    raise eqn.error(
+        f"batch_group_count={p['batch_group_count']} convolves groups of examples together "
+        "(as in a weight-gradient computation), mixing the examples of a batch.",
+        "Use batch_group_count=1, or `interop.monte_carlo_kernel_fn`.")
   dn = p["dimension_numbers"]
   lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
   nd = len(lhs_spec) - 2
+  groups = p["feature_group_count"]
+  per_group = _check_groups(eqn, lhs, rhs, rhs_spec, groups) if groups != 1 else None
   contracted = tuple(rhs_spec[1:])
   out_axis, width_out, factor, grad = _weight(interp, eqn, rhs, contracted)
   if out_axis != rhs_spec[0]:
@@ -190,6 +240,7 @@ def conv_rule(interp: Interpreter, eqn, invals):
                              interp.full, interp.dtype)
     width_in = 1.0
   else:
+    _no_group_atoms(eqn, lhs)
     if lhs.axes[lhs_spec[0]] != ("b",) or lhs.axes[lhs_spec[1]] != ("c",):
       raise eqn.error("the convolution's batch/feature axes are not the field's batch/channel "
                       "axes.")
@@ -199,10 +250,23 @@ def conv_rule(interp: Interpreter, eqn, invals):
     root_in = materialize(interp, eqn, lhs)
     root_in = mo.permute_spatial(root_in, interp.full, tuple(a[0] for a in atoms))
     width_in = root_in.channels
+    if per_group is not None:
+      if root_in.channels != groups * per_group:
+        raise eqn.error("unexpected grouped convolution kernel shape.")
+      width_in = per_group
   root = root_in
   for i in range(nd):
+    padding = tuple(p["padding"][i])
+    if p["lhs_dilation"][i] != 1 or min(padding) < 0:
+      # Input dilation (transposed convolutions) inserts zeros between positions and
+      # negative padding crops: both are a gather of positions (zero where none).
+      index = _dilation_index(root.spatial[i], p["lhs_dilation"][i], *padding)
+      if len(index) == 0:
+        raise eqn.error("the dilated and padded input is empty.")
+      root = mo.gather(root, interp.full, i, index)
+      padding = (0, 0)
     root = mo.window_sum(root, interp.full, i, windows[i], p["window_strides"][i],
-                         p["rhs_dilation"][i], tuple(p["padding"][i]))
+                         p["rhs_dilation"][i], padding)
   root = _scaled_layer(root, factor, grad, width_in, root.spatial, width_out)
   axes = [None] * (nd + 2)
   axes[out_spec[0]] = ("b",)
@@ -354,7 +418,7 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
       var2=second(ra.var2, rb.var2, ma2, ma2, mb2, mb2, False),
       mean1=ma1 + mb1 if has_mean else None, mean2=ma2 + mb2 if has_mean else None,
       spatial=ra.spatial, channels=ra.channels, gaussian=ra.gaussian and rb.gaussian,
-      origins=ra.origins | rb.origins)
+      origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous)
   return Field(root, a.axes)
 
 

@@ -17,16 +17,26 @@ import numpy as np
 
 from infinite_modules import elementwise as ew
 from infinite_modules import moments as mo
-from infinite_modules.interpreter import RULES, Interpreter
+from infinite_modules.interpreter import _ALWAYS_RULE, RULES, Interpreter, evaluate_concrete
+from infinite_modules.modules import GROUP_NORM_SCOPE
 from infinite_modules.rules.axes import from_location
 from infinite_modules.rules.linear import materialize
-from infinite_modules.values import Concrete, Field, ParamRef, Root, atom_size
+from infinite_modules.values import (
+    Concrete,
+    Field,
+    ParamRef,
+    Root,
+    atom_size,
+    group_atom,
+    is_group,
+)
 
 # ---------------------------------------------------------------- regrouping
 
 def _regroup_field(interp: Interpreter, eqn, field: Field, new_shape) -> Field:
   n = interp.n1
   flat = [(a, atom_size(field.root, a, n)) for atoms in field.axes for a in atoms if a != "u"]
+  channels = field.root.channels
   batch_axis = eqn.out_batch_axis()
   axes, ptr = [], 0
   for i, size in enumerate(new_shape):
@@ -41,28 +51,79 @@ def _regroup_field(interp: Interpreter, eqn, field: Field, new_shape) -> Field:
                           and flat[ptr][0] != "b" and group):
       if ptr >= len(flat) or flat[ptr][0] == "b":
         raise eqn.error("a reshape merges the batch axis with other axes, mixing examples.")
-      group.append(flat[ptr][0])
-      prod *= flat[ptr][1]
+      atom, atom_len = flat[ptr]
+      if (atom == "c" and not group and atom_len > size and atom_len % size == 0
+          and GROUP_NORM_SCOPE in eqn.where):
+        # (..., C) -> (..., G, C // G) in a GroupNorm: G groups of C // G channels.
+        channels = _split_channels(eqn, field, size, atom_len)
+        group.append(group_atom(size))
+        prod = size
+        flat[ptr] = ("c", channels)
+        break
+      group.append(atom)
+      prod *= atom_len
       ptr += 1
     if prod != size:
       raise eqn.error(f"a reshape to {tuple(new_shape)} splits a spatial or channel axis of the "
-                      f"field {field.axes} (only merging/splitting along earlier merges is "
-                      "supported).")
+                      f"field {field.axes} (only merging/splitting along earlier merges, and "
+                      "splitting the channel axis into groups inside nn.GroupNorm / "
+                      "hk.GroupNorm, are supported).")
     axes.append(tuple(group) if group else ("u",))
   leftover = flat[ptr:]
   if any(s != 1 or a == "b" for a, s in leftover):
     raise eqn.error("unexpected reshape of a field.")
-  # A size-1 channel axis may be squeezed away (e.g. a scalar output).
+  axes, channels = _merge_groups(eqn, axes, channels)
   root = field.root
+  if channels != root.channels:
+    root = dataclasses.replace(root, channels=channels, gathered_from=None)
+  # A size-1 channel axis may be squeezed away (e.g. a scalar output).
   drop = tuple(sorted(a for a, _ in leftover if isinstance(a, int)))
   if drop:
-    base = materialize(interp, eqn, field)
+    base = materialize(interp, eqn, Field(root, field.axes, field.expr))
     root = mo.squeeze_spatial(base, interp.full, drop)
     keep = [k for k in range(len(base.spatial)) if k not in drop]
     renumber = {k: j for j, k in enumerate(keep)}
     axes = [tuple(renumber.get(a, a) for a in ax) for ax in axes]
     return Field(root, tuple(axes))
   return Field(root, tuple(axes), field.expr)
+
+
+def _split_channels(eqn, field: Field, groups: int, channels: int) -> int:
+  """Channels per group when a GroupNorm splits the channel axis into `groups` groups.
+
+  The limit keeps the number of groups fixed and takes the channels per group to
+  infinity; each group is then an i.i.d. copy of the field (so its statistics are those
+  of the whole channel axis). Only done inside GroupNorm (`GROUP_NORM_SCOPE`): in general
+  a split does not say which part is fixed (x.reshape(n, C // 2, 2) pairs channels).
+  One channel per group (GroupNorm with group_size=1) is no split at all: its
+  per-channel statistics are sums over positions of one channel, which do not
+  concentrate, and raise where they are subtracted.
+  """
+  if not field.root.homogeneous:
+    raise eqn.error(
+        "a reshape splits the channel axis of a channel concatenation of different fields "
+        "into groups: each group holds a different mix of them, which is not tracked.",
+        "Normalize the fields before concatenating them, or use "
+        "`interop.monte_carlo_kernel_fn`.")
+  return channels // groups
+
+
+def _merge_groups(eqn, axes, channels: int):
+  """Merges group atoms back into the channel atom of the same axis (undoes a split)."""
+  out = []
+  for atoms in axes:
+    if "c" not in atoms or not any(is_group(a) for a in atoms):
+      out.append(atoms)
+      continue
+    real = [a for a in atoms if a != "u"]
+    run = [j for j, a in enumerate(real) if a == "c" or is_group(a)]
+    if run != list(range(run[0], run[-1] + 1)):
+      raise eqn.error(f"a reshape merges channel groups with other axes {atoms}.")
+    for a in real:
+      if is_group(a):
+        channels *= a[1]
+    out.append(tuple(real[:run[0]]) + ("c",) + tuple(real[run[-1] + 1:]))
+  return out, channels
 
 
 def _regroup_param(eqn, ref: ParamRef, new_shape) -> ParamRef:
@@ -86,7 +147,50 @@ def reshape_rule(interp, eqn, invals):
     return [_regroup_param(eqn, x, new_shape)]
   if isinstance(x, Field):
     return [_regroup_field(interp, eqn, x, new_shape)]
+  if all(isinstance(v, Concrete) for v in invals):
+    return _reshape_concrete(eqn, invals)
   raise eqn.error("unexpected operands.")
+
+
+def _reshape_concrete(eqn, invals):
+  """Evaluates a reshape of concrete values, keeping track of their constant axes.
+
+  A per-group statistic (constant along the groups at infinite width) is repeated to
+  every channel by a broadcast and a reshape that merges (groups, channels per group);
+  the merged axis is constant if all the axes it merges are.
+  """
+  (out,) = evaluate_concrete(eqn, invals)
+  x = invals[0]
+  if not x.const_axes or eqn.name != "reshape":
+    return [out]
+  in_shape = tuple(eqn.e1.invars[0].aval.shape)
+  out_shape = tuple(eqn.e1.outvars[0].aval.shape)
+  const, i, j = set(), 0, 0
+  while i < len(in_shape) or j < len(out_shape):
+    # One block: the fewest consecutive input and output axes with equal sizes.
+    ins, outs, pi, po = [], [], 1, 1
+    if i < len(in_shape):
+      ins.append(i)
+      pi *= in_shape[i]
+      i += 1
+    if j < len(out_shape):
+      outs.append(j)
+      po *= out_shape[j]
+      j += 1
+    while pi != po:
+      if pi < po:
+        ins.append(i)
+        pi *= in_shape[i]
+        i += 1
+      else:
+        outs.append(j)
+        po *= out_shape[j]
+        j += 1
+    if all(k in x.const_axes or in_shape[k] == 1 for k in ins):
+      const.update(outs)
+  const.update(k for k, s in enumerate(out_shape) if s == 1)
+  const.discard(out.batch_axis)
+  return [dataclasses.replace(out, const_axes=frozenset(const))]
 
 
 def squeeze_rule(interp, eqn, invals):
@@ -141,13 +245,16 @@ def reduce_sum_rule(interp, eqn, invals):
                     "Use BatchNorm(use_running_average=True) or per-example operations.")
   remaining = tuple(x.axes[i] for i in range(len(x.axes)) if i not in axes)
   spatial_dims = tuple(sorted(a for a in atoms if isinstance(a, int)))
+  groups = int(np.prod([a[1] for a in atoms if is_group(a)]))
   if "c" in atoms:
-    # Law of large numbers: sum_c phi(z_c) = C E[phi(z)], deterministic per example.
+    # Law of large numbers: sum_c phi(z_c) = C E[phi(z)], deterministic per example
+    # (a sum over channel groups too multiplies by their number: each group is an
+    # i.i.d. copy).
     try:
       m1, m2 = ew.means(x.root, x.expr, interp.full, interp.points)
     except ew.NotGaussianError:
       raise eqn.error("a nonlinear statistic of a non-Gaussian field has no exact rule.") from None
-    c = x.root.channels
+    c = x.root.channels * groups
     out = []
     for m, n in ((m1, interp.n1), (m2, interp.n2)):
       m = c * jnp.sum(m, axis=tuple(1 + k for k in spatial_dims)) if spatial_dims else c * m
@@ -156,7 +263,13 @@ def reduce_sum_rule(interp, eqn, invals):
       renumber = {k: j for j, k in enumerate(keep)}
       axes_view = [tuple(renumber.get(a, a) for a in ax) for ax in remaining]
       out.append(from_location(m, axes_view, root_view, n))
-    return [Concrete(out[0], out[1], eqn.out_batch_axis())]
+    # Per-group statistics are the same in every group (constant along group axes).
+    const = frozenset(i for i, ax in enumerate(remaining)
+                      if any(is_group(a) for a in ax) and all(is_group(a) or a == "u" for a in ax))
+    return [Concrete(out[0], out[1], eqn.out_batch_axis(), const)]
+  if groups > 1:
+    raise eqn.error("it sums a field over channel groups but not over the channels within "
+                    "them (a finite sum of dependent copies), which is not supported.")
   root = materialize(interp, eqn, x)
   root = mo.sum_spatial(root, interp.full, spatial_dims)
   keep = [k for k in range(len(x.root.spatial)) if k not in spatial_dims]
@@ -229,6 +342,11 @@ def slice_rule(interp, eqn, invals):
     if atoms == ("c",):
       if stride != 1:
         raise eqn.error("strided channel slices are not supported.")
+      if not out.root.homogeneous:
+        raise eqn.error(
+            "it slices the channels of a channel concatenation of different fields; which "
+            "of them the slice holds is not tracked.",
+            "Slice the fields before concatenating them.")
       root = materialize(interp, eqn, out)
       out = Field(dataclasses.replace(root, channels=limit - start, gathered_from=None), out.axes)
       continue
@@ -261,6 +379,12 @@ def pad_rule(interp, eqn, invals):
 
 def rev_rule(interp, eqn, invals):
   (x,) = invals
+  if isinstance(x, ParamRef):
+    # A reversed weight (Flax ConvTranspose(transpose_kernel=True)) permutes i.i.d.
+    # entries: the same prior, each entry still used once.
+    return [x]
+  if not isinstance(x, Field):
+    raise eqn.error("unexpected operands.")
   out = x
   in_shape = eqn.e1.invars[0].aval.shape
   for i in eqn.params["dimensions"]:
@@ -335,7 +459,8 @@ def _concat_channels(interp, eqn, fields) -> Field:
   origins = frozenset().union(*(r.origins for r in roots))
   root = Root(nngp=avg("nngp"), ntk=avg("ntk"), var1=avg("var1"), var2=avg("var2"),
               mean1=avg_mean("mean1"), mean2=avg_mean("mean2"), spatial=roots[0].spatial,
-              channels=int(total), gaussian=False, origins=origins)
+              channels=int(total), gaussian=False, origins=origins,
+              homogeneous=len(roots) == 1 and roots[0].homogeneous)
   return Field(root, fields[0].axes)
 
 
@@ -372,3 +497,5 @@ RULES.update({
     "cumsum": _no_rule("cumulative sums of fields are not supported."),
     "reduce_prod": _no_rule("products over an axis of a field are not supported."),
 })
+# Reshapes of concrete values go through `reshape_rule` too, to keep their constant axes.
+_ALWAYS_RULE.add("reshape")

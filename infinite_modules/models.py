@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from infinite_modules.errors import PriorError
+from infinite_modules.errors import InfiniteWidthError, PriorError
 from infinite_modules.priors import Prior, prior_from_initializer
 
 PyTree = Any
@@ -116,10 +116,37 @@ def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
   rest = variables
 
   def apply(p, x):
-    return model.apply({"params": p, **rest}, x, **apply_kwargs)
+    try:
+      return model.apply({"params": p, **rest}, x, **apply_kwargs)
+    except Exception as e:
+      _raise_training_mode(e)
+      raise
 
   prior_tree, paths = _resolve_priors(params, recorded, priors, "Flax module")
   return Traceable(apply, params, prior_tree, paths)
+
+
+def _raise_training_mode(error: Exception) -> None:
+  """Re-raises Flax's errors for training-mode layers as `InfiniteWidthError`s that say why.
+
+  In `kernel_fn` the model is applied with immutable variables and no PRNGs, so a layer in
+  training mode fails inside Flax: BatchNorm with batch statistics (it updates its
+  `batch_stats`) and Dropout with random masks (it asks for a `dropout` PRNG).
+  """
+  import flax.errors
+  if isinstance(error, flax.errors.ModifyScopeVariableError):
+    raise InfiniteWidthError(
+        f"The model updates a variable while it is applied ({error}). A layer in training "
+        "mode, e.g. nn.BatchNorm(use_running_average=False) normalizing with batch "
+        "statistics, mixes the examples of a batch, so the kernel of one pair of inputs would "
+        "depend on the others: it has no infinite-width kernel. Use "
+        "use_running_average=True (e.g. apply_kwargs={'train': False}).") from error
+  if isinstance(error, flax.errors.InvalidRngError):
+    raise InfiniteWidthError(
+        f"The model needs a PRNG while it is applied ({error}). A random layer, e.g. "
+        "nn.Dropout(deterministic=False) in training mode, has no deterministic "
+        "infinite-width kernel. Use deterministic=True (e.g. apply_kwargs={'train': False}), "
+        "or `interop.monte_carlo_kernel_fn`.") from error
 
 
 def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
@@ -142,20 +169,34 @@ def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
                                                apply_kwargs) else ()
 
   def apply(p, x):
-    if with_state:
-      return transformed.apply(p, state, *rng_args, x, **apply_kwargs)[0]
-    return transformed.apply(p, *rng_args, x, **apply_kwargs)
+    try:
+      if with_state:
+        return transformed.apply(p, state, *rng_args, x, **apply_kwargs)[0]
+      return transformed.apply(p, *rng_args, x, **apply_kwargs)
+    except hk_base.MissingRNGError as e:
+      raise _haiku_rng_error(e) from e
 
   # Haiku stores params as {module_name: {param_name: array}}.
   prior_tree, paths = _resolve_priors(params, recorded, priors, "Haiku transform")
   return Traceable(apply, params, prior_tree, paths)
 
 
+def _haiku_rng_error(error: Exception) -> InfiniteWidthError:
+  return InfiniteWidthError(
+      f"The model draws random numbers while it is applied ({error}). A random layer, e.g. "
+      "hk.dropout in training mode, has no deterministic infinite-width kernel. Make it "
+      "deterministic (e.g. an is_training=False flag), or use "
+      "`interop.monte_carlo_kernel_fn`.")
+
+
 def _haiku_apply_takes_rng(transformed, params, state, x, apply_kwargs) -> bool:
+  from haiku._src import base as hk_base
   lead = (params, state) if state is not None else (params,)
   try:
     jax.eval_shape(lambda: transformed.apply(*lead, None, x, **apply_kwargs))
     return True
+  except hk_base.MissingRNGError as e:
+    raise _haiku_rng_error(e) from e
   except TypeError:
     jax.eval_shape(lambda: transformed.apply(*lead, x, **apply_kwargs))
     return False

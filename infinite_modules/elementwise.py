@@ -52,15 +52,23 @@ def depends_on_z(expr, memo=None) -> bool:
 
 def is_affine(expr) -> bool:
   """Whether expr is alpha z + beta structurally (alpha, beta free of z)."""
+  return _affine_in_z(expr, constant_terms=True)
+
+
+def is_linear(expr) -> bool:
+  """Whether expr is alpha z structurally (affine with no additive constant)."""
+  return _affine_in_z(expr, constant_terms=False)
+
+
+def _affine_in_z(expr, constant_terms: bool) -> bool:
   memo: dict = {}
 
   def visit(e) -> bool:
     if not depends_on_z(e, memo):
-      return True
+      return constant_terms
     if e[0] == "z":
       return True
-    prim, args = e[1], e[3]
-    name = prim.name
+    name, args = e[1].name, e[3]
     if name in ("add", "sub"):
       return all(visit(a) for a in args)
     if name in _AFFINE_PASS:
@@ -91,30 +99,6 @@ def ctx_nodes(expr) -> list:
 
   visit(expr)
   return out
-
-
-def is_linear(expr) -> bool:
-  """Whether expr is alpha z structurally (affine with no additive constant)."""
-  memo: dict = {}
-
-  def visit(e) -> bool:
-    if e[0] == "z":
-      return True
-    if e[0] != "op" or not depends_on_z(e, memo):
-      return False
-    name, args = e[1].name, e[3]
-    if name in ("add", "sub"):
-      return all(depends_on_z(a, memo) and visit(a) for a in args)
-    if name in _AFFINE_PASS:
-      return visit(args[0])
-    if name == "mul":
-      dependent = [a for a in args if depends_on_z(a, memo)]
-      return len(dependent) == 1 and visit(dependent[0])
-    if name == "div":
-      return not depends_on_z(args[1], memo) and visit(args[0])
-    return False
-
-  return visit(expr)
 
 
 _BOOLEAN = frozenset({"eq", "ne", "ge", "gt", "le", "lt", "and", "or", "not", "xor", "is_finite"})

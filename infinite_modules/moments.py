@@ -116,10 +116,17 @@ def sum_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
     return root
   if not full:
     raise NeedFullLayout()
+  return _sum_out(root, full, dims)
+
+
+def _sum_out(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
+  """Sums the moments over spatial dims (both positions of each pair in the full layout)."""
+  if not dims:
+    return root
   d = len(root.spatial)
 
   def second(arr, lead):
-    axes = [a for k in dims for a in spatial_axes(lead, d, True, k)]
+    axes = [a for k in dims for a in spatial_axes(lead, d, full, k)]
     return jnp.sum(arr, axis=tuple(axes))
 
   spatial = tuple(s for i, s in enumerate(root.spatial) if i not in dims)
@@ -197,15 +204,5 @@ def pair_broadcast(side1, side2, d: int, full: bool, pair: bool):
 
 def squeeze_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
   """Removes spatial dims of size 1 (valid in both layouts)."""
-  if not dims:
-    return root
   assert all(root.spatial[k] == 1 for k in dims)
-  d = len(root.spatial)
-
-  def second(arr, lead):
-    axes = [a for k in dims for a in spatial_axes(lead, d, full, k)]
-    return jnp.sum(arr, axis=tuple(axes))
-
-  spatial = tuple(s for i, s in enumerate(root.spatial) if i not in dims)
-  return map_arrays(root, full, second, lambda m: jnp.sum(m, axis=tuple(1 + k for k in dims)),
-                    spatial=spatial)
+  return _sum_out(root, full, dims)

@@ -18,6 +18,7 @@ import numpy as np
 
 from infinite_modules import elementwise as ew
 from infinite_modules import moments as mo
+from infinite_modules.errors import NOT_GAUSSIAN_HINT, NOT_GAUSSIAN_WHY
 from infinite_modules.interpreter import RULES, Interpreter
 from infinite_modules.rules.axes import to_location
 from infinite_modules.values import Concrete, Field, ParamRef, Root, is_group, new_origin
@@ -40,12 +41,7 @@ def materialize(interp: Interpreter, eqn, field: Field) -> Root:
     interp.materialized[key] = (field.root, field.expr, root)  # keeps the ids alive
     return root
   except ew.NotGaussianError:
-    raise eqn.error(
-        "a nonlinearity is applied to a field that is not Gaussian (e.g. the sum of a "
-        "nonlinearity's output and another field, or a field plus a non-Gaussian bias), "
-        "whose kernel depends on more than its covariance.",
-        "Apply a linear layer (Dense/Conv) before the nonlinearity, or use "
-        "`interop.monte_carlo_kernel_fn`.") from None
+    raise eqn.error(NOT_GAUSSIAN_WHY, NOT_GAUSSIAN_HINT) from None
 
 
 def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]):

@@ -59,6 +59,35 @@ def _check_std(name: str, value: float | None, allow_none: bool) -> None:
     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
 
 
+def _check_prior(W_std: float, b_std: float | None) -> None:
+  _check_std("W_std", W_std, allow_none=False)
+  _check_std("b_std", b_std, allow_none=True)
+
+
+def _ntk_params(layer: NTKDense | NTKConv, x: jax.Array, kernel_shape: tuple[int, ...],
+                fan_in: int) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """`(x, kernel, bias)` of an NTK layer, promoted to its dtype: the N(0, 1) `kernel`
+  scaled by `W_std / sqrt(fan_in)` (see the module docstring), and the N(0, 1) `bias`
+  (`None` when `b_std` is `None`)."""
+  kernel = layer.param("kernel", _unit_normal, kernel_shape, layer.param_dtype)
+  bias = (layer.param("bias", _unit_normal, (layer.features,), layer.param_dtype)
+          if layer.b_std is not None else None)
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=layer.dtype)
+  return x, kernel * (layer.W_std / math.sqrt(fan_in)), bias
+
+
+def _add_bias(y: jax.Array, bias: jax.Array | None, b_std: float | None) -> jax.Array:
+  return y if bias is None else y + b_std * bias
+
+
+def _standard_init(W_std: float, b_std: float | None) -> dict[str, Any]:
+  """`nn.Dense` / `nn.Conv` arguments for the prior in the standard parameterization."""
+  _check_prior(W_std, b_std)
+  return {"use_bias": b_std is not None,
+          "kernel_init": nn.initializers.variance_scaling(W_std ** 2, "fan_in", "normal"),
+          "bias_init": nn.initializers.normal(b_std) if b_std else nn.initializers.zeros}
+
+
 class NTKDense(nn.Module):
   """Dense layer in NTK parameterization: `(W_std/sqrt(fan_in)) x @ W + b_std b`.
 
@@ -83,18 +112,11 @@ class NTKDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_std("W_std", self.W_std, allow_none=False)
-    _check_std("b_std", self.b_std, allow_none=True)
+    _check_prior(self.W_std, self.b_std)
     fan_in = x.shape[-1]
-    kernel = self.param("kernel", _unit_normal, (fan_in, self.features), self.param_dtype)
-    bias = (self.param("bias", _unit_normal, (self.features,), self.param_dtype)
-            if self.b_std is not None else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    kernel = kernel * (self.W_std / math.sqrt(fan_in))  # see the module docstring
+    x, kernel, bias = _ntk_params(self, x, (fan_in, self.features), fan_in)
     y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-    if bias is not None:
-      y = y + self.b_std * bias
-    return y
+    return _add_bias(y, bias, self.b_std)
 
 
 class NTKConv(nn.Module):
@@ -130,8 +152,7 @@ class NTKConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_std("W_std", self.W_std, allow_none=False)
-    _check_std("b_std", self.b_std, allow_none=True)
+    _check_prior(self.W_std, self.b_std)
     n_spatial = (len(self.kernel_size) if isinstance(self.kernel_size, Sequence)
                  else x.ndim - 2)
     if n_spatial < 1 or x.ndim != n_spatial + 2:
@@ -150,11 +171,7 @@ class NTKConv(nn.Module):
     dilation = per_dim(self.kernel_dilation, "kernel_dilation")
     in_channels = x.shape[-1]
     fan_in = in_channels * math.prod(kernel_size)
-    kernel = self.param("kernel", _unit_normal, kernel_size + (in_channels, self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", _unit_normal, (self.features,), self.param_dtype)
-            if self.b_std is not None else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = _ntk_params(self, x, kernel_size + (in_channels, self.features), fan_in)
 
     padding = self.padding
     if isinstance(padding, str):
@@ -176,14 +193,11 @@ class NTKConv(nn.Module):
     nd = x.ndim
     lhs_spec = (0, nd - 1) + tuple(range(1, nd - 1))
     rhs_spec = (nd - 1, nd - 2) + tuple(range(nd - 2))
-    kernel = kernel * (self.W_std / math.sqrt(fan_in))  # see the module docstring
     y = lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=lax.ConvDimensionNumbers(lhs_spec, rhs_spec, lhs_spec),
         precision=self.precision)
-    if bias is not None:
-      y = y + self.b_std * bias
-    return y
+    return _add_bias(y, bias, self.b_std)
 
 
 def _check_parameterization(parameterization: str) -> None:
@@ -204,12 +218,7 @@ def dense(features: int, W_std: float = 1.0, b_std: float | None = None,
   _check_parameterization(parameterization)
   if parameterization == "ntk":
     return NTKDense(features, W_std=W_std, b_std=b_std, **kwargs)
-  _check_std("W_std", W_std, allow_none=False)
-  _check_std("b_std", b_std, allow_none=True)
-  return nn.Dense(
-      features, use_bias=b_std is not None,
-      kernel_init=nn.initializers.variance_scaling(W_std ** 2, "fan_in", "normal"),
-      bias_init=nn.initializers.normal(b_std) if b_std else nn.initializers.zeros, **kwargs)
+  return nn.Dense(features, **_standard_init(W_std, b_std), **kwargs)
 
 
 def conv(features: int, kernel_size: int | Sequence[int] = 3, strides: int | Sequence[int] = 1,
@@ -226,12 +235,8 @@ def conv(features: int, kernel_size: int | Sequence[int] = 3, strides: int | Seq
   kernel_size, strides = as_tuple(kernel_size), as_tuple(strides)
   if parameterization == "ntk":
     return NTKConv(features, kernel_size, strides, padding, W_std=W_std, b_std=b_std, **kwargs)
-  _check_std("W_std", W_std, allow_none=False)
-  _check_std("b_std", b_std, allow_none=True)
-  return nn.Conv(
-      features, kernel_size, strides, padding, use_bias=b_std is not None,
-      kernel_init=nn.initializers.variance_scaling(W_std ** 2, "fan_in", "normal"),
-      bias_init=nn.initializers.normal(b_std) if b_std else nn.initializers.zeros, **kwargs)
+  return nn.Conv(features, kernel_size, strides, padding, **_standard_init(W_std, b_std),
+                 **kwargs)
 
 
 class MLP(nn.Module):

@@ -18,6 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from interop_helpers import (
+  f64,
+  fast_jit,
+  perturb,
+  x64_fast_compile,  # noqa: F401  (autouse fixture)
+)
 
 import interop
 from interop import adapters, autoselect
@@ -26,38 +32,13 @@ IMPLS = ["jacobian_contraction", "ntk_vector_products", "structured_derivatives"
 AXES = [((-1,), ()), ((), ()), ((), (0,)), ((0,), ()), ((), (-1,))]
 
 
-#: Tests check values, not speed: skip XLA's backend optimizations (3x faster compiles).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-
-
-@pytest.fixture(autouse=True)
-def _x64(monkeypatch):
-  monkeypatch.setattr(interop._layout, "JIT_COMPILER_OPTIONS", FAST_COMPILE)
-  with jax.enable_x64(True):
-    yield
-
-
-def _f64(tree):
-  return jax.tree_util.tree_map(
-      lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
-def _perturb(tree, key, scale=0.3):
-  leaves, td = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree_util.tree_unflatten(td, [
-      a + scale * jax.random.normal(k, a.shape, a.dtype)
-      if jnp.issubdtype(a.dtype, jnp.floating) else a for a, k in zip(leaves, keys)])
-
-
 # ----------------------------------------------------------------------------- reference
 
 
 def full_ntk(f, params, x1, *others):
   """Direct definition: ``sum_p J(x1) J(x)^T`` for each ``x`` in ``others``, from
   ``jax.jacobian`` over flattened parameters; shape ``f(x1).shape + f(x).shape``."""
-  @_jit
+  @fast_jit
   def run(params, x1, others):
     j1 = jax.jacobian(lambda p: f(p, x1))(params)
     out_nd = jax.eval_shape(lambda p: f(p, x1), params).ndim
@@ -209,7 +190,7 @@ def plain_custom_vjp(p, x):
 def _flax_case(module, shape, key):
   x = jax.random.normal(key, shape)
   # jit: eager Flax init would compile every primitive separately (slow first call)
-  variables = _jit(lambda k: _f64(_perturb(module.init(k, x), jax.random.PRNGKey(2))))(
+  variables = fast_jit(lambda k: f64(perturb(module.init(k, x), jax.random.PRNGKey(2))))(
       jax.random.PRNGKey(1))
   f, params = adapters.adapt(module).bind(variables)
   return module, variables, f, params
@@ -231,22 +212,22 @@ def make_case(name):
     return m, v, f, p, (5, 5, 2)
   if name == "nnx":
     model = NNXModel(nnx.Rngs(0))
-    state = _f64(_perturb(nnx.state(model), jax.random.PRNGKey(2)))
+    state = f64(perturb(nnx.state(model), jax.random.PRNGKey(2)))
     f, params = adapters.adapt(model).bind(state)
     return model, state, f, params, (4,)
   if name == "haiku":
     t = hk.transform(_haiku_mlp)
-    params = _jit(lambda k: _f64(_perturb(t.init(k, jnp.ones((2, 4))),
-                                             jax.random.PRNGKey(2))))(key)
+    params = fast_jit(lambda k: f64(perturb(t.init(k, jnp.ones((2, 4))),
+                                            jax.random.PRNGKey(2))))(key)
     return t, params, lambda p, x: t.apply(p, None, x), params, (4,)
   if name == "haiku_state":
     t = hk.transform_with_state(_haiku_bn)
 
-    @_jit
+    @fast_jit
     def init(k):
       params, state = t.init(k, jnp.ones((2, 4)), is_training=True)
-      params = _f64(_perturb(params, jax.random.PRNGKey(2)))
-      state = _f64(_perturb(state, jax.random.PRNGKey(3), 0.1))
+      params = f64(perturb(params, jax.random.PRNGKey(2)))
+      state = f64(perturb(state, jax.random.PRNGKey(3), 0.1))
       return params, jax.tree_util.tree_map(jnp.abs, state)  # valid variances
 
     params, state = init(key)
@@ -254,7 +235,7 @@ def make_case(name):
   if name in ("plain_shared", "plain_scan", "plain_custom_vjp"):
     f = {"plain_shared": plain_shared, "plain_scan": plain_scan,
          "plain_custom_vjp": plain_custom_vjp}[name]
-    params = _f64(_plain_params(key))
+    params = f64(_plain_params(key))
     return f, params, f, params, (4,)
   raise ValueError(name)
 
@@ -300,7 +281,7 @@ def _check_settings(case, implementation, settings):
                                       implementation)
     checks.append((ntk_fn, same, expected, (trace_axes, diagonal_axes, vmap_axes)))
 
-  @_jit
+  @fast_jit
   def run(x1, x2, variables):
     return [fn(x1, None if same else x2, variables) for fn, same, *_ in checks]
 
@@ -351,11 +332,11 @@ def test_float32_all_implementations():
   with jax.enable_x64(False):
     module = FlaxCNN()
     x1 = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 5, 2))
-    v = _jit(module.init)(jax.random.PRNGKey(1), x1)
+    v = fast_jit(module.init)(jax.random.PRNGKey(1), x1)
     f, params = adapters.adapt(module).bind(v)
     expected = reference_ntk(f, params, x1, x1, (-1,), ())
     fns = [interop.empirical_ntk_fn(module, vmap_axes=0, implementation=i) for i in (1, 2, 3)]
-    outs = _jit(lambda x, v: [fn(x, None, v) for fn in fns])(x1, v)
+    outs = fast_jit(lambda x, v: [fn(x, None, v) for fn in fns])(x1, v)
     outs.append(interop.empirical_ntk_fn(module, vmap_axes=0)(x1, None, v))  # auto
     for got in outs:
       assert got.dtype == jnp.float32
@@ -368,7 +349,7 @@ def test_jit_compatible(implementation):
   x1, x2 = _inputs(shape)
   ntk_fn = interop.empirical_ntk_fn(model, (), (), 0, implementation)
   eager = ntk_fn(x1, x2, variables)
-  jitted = _jit(ntk_fn)(x1, x2, variables)
+  jitted = fast_jit(ntk_fn)(x1, x2, variables)
   np.testing.assert_allclose(jitted, eager, rtol=1e-10)
   np.testing.assert_allclose(eager, trace_diag(_reference("nnx")[0], 2, (), ()), rtol=1e-8)
 
@@ -383,7 +364,7 @@ class FlaxBNTrain(nn.Module):
 def _bn_case():
   model = FlaxBNTrain()
   x1, x2 = _inputs((4,))
-  variables = _jit(lambda k: _f64(_perturb(model.init(k, x1), jax.random.PRNGKey(2))))(
+  variables = fast_jit(lambda k: f64(perturb(model.init(k, x1), jax.random.PRNGKey(2))))(
       jax.random.PRNGKey(1))
   return model, variables, x1, x2
 
@@ -398,8 +379,8 @@ def test_flax_train_mode_batch_statistics():
 
   expected = reference_ntk(f, variables["params"], x1, x2, (), ())
   fns = [interop.empirical_ntk_fn(model, (), (), None, impl) for impl in (1, 2, 3)]
-  outs = _jit(lambda a, b, v: [fn(a, b, v, train=True, mutable=["batch_stats"])
-                                  for fn in fns])(x1, x2, variables)
+  outs = fast_jit(lambda a, b, v: [fn(a, b, v, train=True, mutable=["batch_stats"])
+                                      for fn in fns])(x1, x2, variables)
   for got in outs:
     np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-10)
 
@@ -424,10 +405,10 @@ def test_pytree_outputs_and_kwargs():
     h = jnp.tanh(x @ p["w"])
     return {"a": h @ p["u"] * scale, "b": (h ** 2) @ p["u"][:, :2]}
 
-  params = _f64(_plain_params(jax.random.PRNGKey(0)))
+  params = f64(_plain_params(jax.random.PRNGKey(0)))
   x1, x2 = _inputs((4,))
   fns = [interop.empirical_ntk_fn(f, (), (), 0, impl) for impl in (1, 2, 3)]
-  outs = _jit(lambda a, b, p, s: [fn(a, b, p, scale=s) for fn in fns])(x1, x2, params, 0.5)
+  outs = fast_jit(lambda a, b, p, s: [fn(a, b, p, scale=s) for fn in fns])(x1, x2, params, 0.5)
   for name in ("a", "b"):
     expected = reference_ntk(lambda p, x, n=name: f(p, x, 0.5)[n], params, x1, x2, (), ())
     for got in outs:
@@ -440,7 +421,7 @@ def test_haiku_rng_is_split_between_inputs():
 
   t = hk.transform(net)
   x1, x2 = _inputs((4,))
-  params = _f64(t.init(jax.random.PRNGKey(0), x1))
+  params = f64(t.init(jax.random.PRNGKey(0), x1))
   rng = jax.random.PRNGKey(5)
   same = interop.empirical_ntk_fn(t, implementation=3)(x1, None, params, rng=rng)
   expected = reference_ntk(lambda p, x: t.apply(p, rng, x), params, x1, x1, (-1,), ())
@@ -481,7 +462,7 @@ def test_implementation_spellings():
   spellings = ["JACOBIAN_CONTRACTION", 2, "ntk-vector-products",
                interop.NtkImplementation.STRUCTURED_DERIVATIVES]
   fns = [interop.empirical_ntk_fn(model, implementation=i) for i in spellings]
-  for got in _jit(lambda x, v: [fn(x, None, v) for fn in fns])(x1, variables):
+  for got in fast_jit(lambda x, v: [fn(x, None, v) for fn in fns])(x1, variables):
     np.testing.assert_allclose(got, expected, rtol=1e-8)
 
 
@@ -491,7 +472,7 @@ def test_ntk_vp_fn():
   v = jax.random.normal(jax.random.PRNGKey(3), (2, 3), jnp.float64)
   full = _reference("flax_mlp")[0]  # (N1, K, N2, K)
   expected = np.einsum("ikjl,jl->ik", full, v)
-  got = _jit(interop.empirical_ntk_vp_fn(model, x1, x2, variables))(v)
+  got = fast_jit(interop.empirical_ntk_vp_fn(model, x1, x2, variables))(v)
   np.testing.assert_allclose(got, expected, rtol=1e-8)
 
 

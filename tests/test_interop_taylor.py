@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import haiku as hk
 import jax
@@ -12,30 +10,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from interop_helpers import (
+  f64,
+  fast_jit,
+  perturb,
+  x64_fast_compile,  # noqa: F401  (autouse fixture)
+)
 
 import interop
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-
-
-@pytest.fixture(autouse=True)
-def _x64(monkeypatch):
-  monkeypatch.setattr(interop._layout, "JIT_COMPILER_OPTIONS", FAST_COMPILE)
-  with jax.enable_x64(True):
-    yield
-
-
-def _f64(tree):
-  return jax.tree_util.tree_map(
-      lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
-def _shift(tree, key, scale):
-  leaves, td = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree_util.tree_unflatten(td, [
-      a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
 
 
 def _mlp(p, x):
@@ -54,9 +36,9 @@ X = np.random.default_rng(9).standard_normal((4, 3))  # float64
 
 def test_linearize_at_params_0_and_first_order():
   p0 = _mlp_params(jax.random.PRNGKey(0))
-  f_lin = _jit(interop.linearize(_mlp, p0))
+  f_lin = fast_jit(interop.linearize(_mlp, p0))
   np.testing.assert_allclose(f_lin(p0, X), _mlp(p0, X), rtol=1e-12, atol=1e-15)
-  dp = _shift(jax.tree_util.tree_map(jnp.zeros_like, p0), jax.random.PRNGKey(1), 1.0)
+  dp = perturb(jax.tree_util.tree_map(jnp.zeros_like, p0), jax.random.PRNGKey(1), 1.0)
   for t in (1e-3, 0.5, 3.0):  # f_lin is exactly affine in the parameters
     p = jax.tree_util.tree_map(lambda a, d, t=t: a + t * d, p0, dp)
     _, tangent = jax.jvp(lambda q: _mlp(q, X), (p0,), (dp,))
@@ -74,8 +56,8 @@ def test_taylor_of_polynomial_is_exact(degree):
   key = jax.random.PRNGKey(0)
   p0 = {"a": jax.random.normal(key, (3, 2), jnp.float64), "b": jnp.array(0.3),
         "c": jnp.array([1.0, -2.0])}
-  p = _shift(p0, jax.random.PRNGKey(1), 0.7)
-  f_tay = _jit(interop.taylor_expand(poly, p0, degree))
+  p = perturb(p0, jax.random.PRNGKey(1), 0.7)
+  f_tay = fast_jit(interop.taylor_expand(poly, p0, degree))
   if degree == 3:
     np.testing.assert_allclose(f_tay(p, X), poly(p, X), rtol=1e-12)
   # Independent check: the Taylor polynomial of t -> poly(p0 + t dp) at t = 1.
@@ -102,15 +84,15 @@ class _BNNet(nn.Module):
 
 def test_flax_apply_signature_collections_and_rngs():
   model = _BNNet()
-  variables = _f64(jax.jit(model.init)(jax.random.PRNGKey(0), X))
+  variables = f64(jax.jit(model.init)(jax.random.PRNGKey(0), X))
   f_lin = interop.linearize(model.apply, variables)
   f_mod = interop.linearize(model, variables)  # the module object works too
   rngs = {"dropout": jax.random.PRNGKey(3)}
-  p1 = {**variables, "params": _shift(variables["params"], jax.random.PRNGKey(4), 0.1)}
+  p1 = {**variables, "params": perturb(variables["params"], jax.random.PRNGKey(4), 0.1)}
   changed = {**variables, "batch_stats": jax.tree_util.tree_map(
       lambda a: a + 0.5, variables["batch_stats"])}
 
-  @_jit
+  @fast_jit
   def run(variables, p1, changed, rngs):
     train = {"train": True, "mutable": ["batch_stats"], "rngs": rngs}
     dp = jax.tree_util.tree_map(jnp.subtract, p1["params"], variables["params"])
@@ -141,15 +123,15 @@ def test_haiku_rng_and_state():
 
   t = hk.transform_with_state(net)
   params, state = jax.jit(lambda k: t.init(k, X, is_training=True))(jax.random.PRNGKey(0))
-  params = _f64(params)
+  params = f64(params)
   rng = jax.random.PRNGKey(1)
   f_lin = interop.linearize(t, params)
-  p1 = _shift(params, jax.random.PRNGKey(2), 0.1)
+  p1 = perturb(params, jax.random.PRNGKey(2), 0.1)
   t2 = hk.transform(lambda x: hk.Linear(2)(jnp.sin(hk.Linear(3)(x))))
-  p2 = _f64(jax.jit(t2.init)(jax.random.PRNGKey(0), X))
+  p2 = f64(jax.jit(t2.init)(jax.random.PRNGKey(0), X))
   f_tay = interop.taylor_expand(t2.apply, p2, 2)
 
-  @_jit
+  @fast_jit
   def run(params, p1, state, rng, p2):
     dp = jax.tree_util.tree_map(jnp.subtract, p1, params)
     ref_out, ref_state = t.apply(params, state, rng, X)
@@ -169,11 +151,11 @@ def test_haiku_rng_and_state():
 def test_nnx_linearize():
   model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), jnp.tanh,
                          nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
-  state = _f64(nnx.state(model))
+  state = f64(nnx.state(model))
   f_lin = interop.linearize(model, state)
   f = interop.adapt(model).call
-  s1 = _shift(state, jax.random.PRNGKey(2), 0.01)
-  at_p0, ref, moved, ref_moved = _jit(
+  s1 = perturb(state, jax.random.PRNGKey(2), 0.01)
+  at_p0, ref, moved, ref_moved = fast_jit(
       lambda s, s1: (f_lin(s, X), f(s, X), f_lin(s1, X), f(s1, X)))(state, s1)
   np.testing.assert_allclose(at_p0, ref, rtol=1e-13)
   err_lin = np.abs(moved - ref_moved).max()
@@ -188,7 +170,7 @@ def test_linearized_training_with_optax():
   y = jax.random.normal(jax.random.PRNGKey(5), (4, 2), jnp.float64)
   opt = optax.sgd(0.05)
 
-  @_jit
+  @fast_jit
   def step(p, s):
     loss, g = jax.value_and_grad(lambda q: 0.5 * jnp.sum((f_lin(q, X) - y) ** 2))(p)
     u, s = opt.update(g, s, p)

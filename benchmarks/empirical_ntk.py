@@ -76,6 +76,33 @@ def parse_vmap_axes(text):
   return None if text.lower() == "none" else int(text)
 
 
+def add_common_args(parser):
+  """The options this script and ``nt_empirical_ntk.py`` share."""
+  parser.add_argument("--trace-axes", default="",
+                      help="'' (default: full NTK, trace_axes=()) or e.g. '-1'")
+  parser.add_argument("--vmap-axes", default="0", help="'0' (default) or 'none'")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--workloads", default="mlp,cnn")
+
+
+def parse_common_args(args):
+  """``(trace_axes, vmap_axes, workloads)`` from the options of ``add_common_args``."""
+  return (parse_axes(args.trace_axes), parse_vmap_axes(args.vmap_axes),
+          [w for w in args.workloads.split(",") if w])
+
+
+def output_header(library, trace_axes, vmap_axes, repeats):
+  """The settings every JSON output starts with."""
+  return {
+      "library": library,
+      **machine_info(),
+      "dtype": "float32",
+      "trace_axes": list(trace_axes),
+      "vmap_axes": vmap_axes,
+      "repeats": repeats,
+  }
+
+
 def machine_info():
   import jax
   return {
@@ -115,6 +142,44 @@ def time_round_robin(fns, args, repeats, calls_per_round_s=1.0):
       for _ in range(per_round[name]):
         best[name] = min(best[name], time_fn(fn, args))
   return first, best
+
+
+def compile_impls(make_fn, x, variables):
+  """Compiles ``jax.jit(make_fn(impl))`` for every implementation of ``IMPLS`` on
+  ``(x, None, variables)`` and runs it once. Returns ``(fns, compile_seconds, kernels)``,
+  dicts by implementation: the compiled executables, their compile times and their
+  kernels as NumPy arrays."""
+  import jax
+  import numpy as np
+  fns, compile_s, kernels = {}, {}, {}
+  for impl in IMPLS:
+    fn = jax.jit(make_fn(impl))
+    t0 = time.perf_counter()
+    fns[impl] = fn.lower(x, None, variables).compile()
+    compile_s[impl] = time.perf_counter() - t0
+    kernels[impl] = np.asarray(fns[impl](x, None, variables))
+  return fns, compile_s, kernels
+
+
+def result_entry(name, x, variables, kernels, seconds, compile_s, choice):
+  """The per-workload results both scripts report (times, ``auto``'s choice, kernel
+  differences against Jacobian contraction)."""
+  import numpy as np
+  ref = kernels["jacobian_contraction"]
+  fastest = min(IMPLS, key=lambda k: seconds[k])
+  return {
+      "description": WORKLOADS[name]["description"],
+      "sizes": sizes(name, x, variables, ref.shape),
+      "seconds": seconds,
+      "compile_seconds": compile_s,
+      "auto_choice": choice,
+      "fastest": fastest,
+      "auto_picks_fastest": choice == fastest,
+      "speedup_structured_vs_jacobian_contraction":
+          seconds["jacobian_contraction"] / seconds["structured_derivatives"],
+      "max_rel_diff_vs_jacobian_contraction": {
+          k: float(np.abs(v - ref).max() / np.abs(ref).max()) for k, v in kernels.items()},
+  }
 
 
 # ----------------------------------------------------------------------------- models
@@ -234,43 +299,23 @@ def sizes(name, x, variables, kernel_shape):
 
 
 def run_ours(workloads, trace_axes, vmap_axes, repeats):
-  import jax
-  import numpy as np
-
   import interop
 
   results, kernels_out = {}, {}
   for name in workloads:
     model, x, variables, _ = workload(name)
-    compile_s, kernels, fns = {}, {}, {}
-    for impl in IMPLS:
-      fn = jax.jit(interop.empirical_ntk_fn(model, trace_axes=trace_axes,
-                                            vmap_axes=vmap_axes, implementation=impl))
-      t0 = time.perf_counter()
-      fns[impl] = fn.lower(x, None, variables).compile()
-      compile_s[impl] = time.perf_counter() - t0
-      kernels[impl] = np.asarray(fns[impl](x, None, variables))
+    fns, compile_s, kernels = compile_impls(
+        lambda impl, model=model: interop.empirical_ntk_fn(
+            model, trace_axes=trace_axes, vmap_axes=vmap_axes, implementation=impl),
+        x, variables)
     auto = interop.empirical_ntk_fn(model, trace_axes=trace_axes, vmap_axes=vmap_axes)
     fns["auto"] = auto
     first, seconds = time_round_robin(fns, (x, None, variables), repeats)
     compile_s["auto"] = first["auto"]
     choice = auto.choose(x, None, variables, {}).name.lower()
-    ref = kernels["jacobian_contraction"]
-    max_rel_err = {k: float(np.abs(v - ref).max() / np.abs(ref).max())
-                   for k, v in kernels.items()}
-    fastest = min(IMPLS, key=lambda k: seconds[k])
     kernels_out[name] = kernels["structured_derivatives"]
     results[name] = {
-        "description": WORKLOADS[name]["description"],
-        "sizes": sizes(name, x, variables, ref.shape),
-        "seconds": seconds,
-        "compile_seconds": compile_s,
-        "auto_choice": choice,
-        "fastest": fastest,
-        "auto_picks_fastest": choice == fastest,
-        "speedup_structured_vs_jacobian_contraction":
-            seconds["jacobian_contraction"] / seconds["structured_derivatives"],
-        "max_rel_diff_vs_jacobian_contraction": max_rel_err,
+        **result_entry(name, x, variables, kernels, seconds, compile_s, choice),
         "auto_estimates": [
             {"implementation": e.implementation.name.lower(), "flops": e.flops,
              "bytes": e.bytes, "temp_bytes": e.temp_bytes, "est_seconds": e.seconds,
@@ -284,26 +329,13 @@ def run_ours(workloads, trace_axes, vmap_axes, repeats):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--trace-axes", default="",
-                      help="'' (default: full NTK, trace_axes=()) or e.g. '-1'")
-  parser.add_argument("--vmap-axes", default="0", help="'0' (default) or 'none'")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--workloads", default="mlp,cnn")
+  add_common_args(parser)
   parser.add_argument("--compare-nt", default=None, metavar="PYTHON",
                       help="python of a venv with neural_tangents 0.6.5")
   args = parser.parse_args(argv)
-  trace_axes = parse_axes(args.trace_axes)
-  vmap_axes = parse_vmap_axes(args.vmap_axes)
-  workloads = [w for w in args.workloads.split(",") if w]
+  trace_axes, vmap_axes, workloads = parse_common_args(args)
 
-  out = {
-      "library": "interop (this repository)",
-      **machine_info(),
-      "dtype": "float32",
-      "trace_axes": list(trace_axes),
-      "vmap_axes": vmap_axes,
-      "repeats": args.repeats,
-  }
+  out = output_header("interop (this repository)", trace_axes, vmap_axes, args.repeats)
   out["results"], kernels = run_ours(workloads, trace_axes, vmap_axes, args.repeats)
   if args.compare_nt:
     import numpy as np

@@ -28,13 +28,11 @@ import json
 import os
 import re
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import empirical_ntk as bench  # stdlib-only at import time
 
-IMPLS = bench.IMPLS
 CODE_NAMES = {1: "jacobian_contraction", 2: "ntk_vector_products",
               3: "structured_derivatives"}
 
@@ -58,15 +56,11 @@ def run_nt(workloads, trace_axes, vmap_axes, repeats, save_dir=None):
   results = {}
   for name in workloads:
     _, x, variables, apply_fn = bench.workload(name)
-    compile_s, kernels, fns = {}, {}, {}
-    for impl in IMPLS:
-      fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=trace_axes,
-                                       vmap_axes=vmap_axes,
-                                       implementation=bench.NT_CODES[impl]))
-      t0 = time.perf_counter()
-      fns[impl] = fn.lower(x, None, variables).compile()
-      compile_s[impl] = time.perf_counter() - t0
-      kernels[impl] = np.asarray(fns[impl](x, None, variables))
+    fns, compile_s, kernels = bench.compile_impls(
+        lambda impl, apply_fn=apply_fn: nt.empirical_ntk_fn(
+            apply_fn, trace_axes=trace_axes, vmap_axes=vmap_axes,
+            implementation=bench.NT_CODES[impl]),
+        x, variables)
     # NT's auto compiles every candidate to count FLOPs, then runs the winner; it is
     # jitted here (as the explicit implementations are) and timed like ours: the first
     # call selects and compiles, the later calls run the compiled winner.
@@ -77,20 +71,8 @@ def run_nt(workloads, trace_axes, vmap_axes, repeats, save_dir=None):
       first, seconds = bench.time_round_robin(fns, (x, None, variables), repeats)
     compile_s["auto"] = first["auto"]
     choice, auto_flops = _auto_choice(buf.getvalue())
-    ref = kernels["jacobian_contraction"]
-    fastest = min(IMPLS, key=lambda k: seconds[k])
     results[name] = {
-        "description": bench.WORKLOADS[name]["description"],
-        "sizes": bench.sizes(name, x, variables, ref.shape),
-        "seconds": seconds,
-        "compile_seconds": compile_s,
-        "auto_choice": choice,
-        "fastest": fastest,
-        "auto_picks_fastest": choice == fastest,
-        "speedup_structured_vs_jacobian_contraction":
-            seconds["jacobian_contraction"] / seconds["structured_derivatives"],
-        "max_rel_diff_vs_jacobian_contraction": {
-            k: float(np.abs(v - ref).max() / np.abs(ref).max()) for k, v in kernels.items()},
+        **bench.result_entry(name, x, variables, kernels, seconds, compile_s, choice),
         "auto_flops": auto_flops,
     }
     if save_dir:
@@ -100,27 +82,15 @@ def run_nt(workloads, trace_axes, vmap_axes, repeats, save_dir=None):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--trace-axes", default="",
-                      help="'' (default: full NTK, trace_axes=()) or e.g. '-1'")
-  parser.add_argument("--vmap-axes", default="0", help="'0' (default) or 'none'")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--workloads", default="mlp,cnn")
+  bench.add_common_args(parser)
   parser.add_argument("--save-kernels", default=None, metavar="DIR")
   args = parser.parse_args(argv)
-  trace_axes = bench.parse_axes(args.trace_axes)
-  vmap_axes = bench.parse_vmap_axes(args.vmap_axes)
-  workloads = [w for w in args.workloads.split(",") if w]
+  trace_axes, vmap_axes, workloads = bench.parse_common_args(args)
 
   import neural_tangents as nt
-  out = {
-      "library": f"neural_tangents {nt.__version__}",
-      **bench.machine_info(),
-      "dtype": "float32",
-      "trace_axes": list(trace_axes),
-      "vmap_axes": vmap_axes,
-      "repeats": args.repeats,
-      "results": run_nt(workloads, trace_axes, vmap_axes, args.repeats, args.save_kernels),
-  }
+  out = bench.output_header(f"neural_tangents {nt.__version__}", trace_axes, vmap_axes,
+                            args.repeats)
+  out["results"] = run_nt(workloads, trace_axes, vmap_axes, args.repeats, args.save_kernels)
   json.dump(out, sys.stdout, indent=1)
   print()
 

@@ -440,10 +440,10 @@ class _KernelCall:
     return self._jitted[key](*args)
 
 
-def _ntk_impl_fn(model_or_f: Any, trace_axes: Axes, diagonal_axes: Axes, vmap_axes: VMapAxes,
-                 implementation: NtkImplementation) -> _KernelCall:
+def _kernel_call(model_or_f: Any, kernel: Callable[[_Ctx], PyTree], trace_axes: Axes,
+                 diagonal_axes: Axes, vmap_axes: VMapAxes) -> _KernelCall:
+  """A :class:`_KernelCall` computing ``kernel(ctx)`` of the adapted model."""
   adapter = adapt(model_or_f)
-  impl = _IMPLS[implementation]
 
   def compute(x1: PyTree, x2: PyTree | None, params: PyTree, rest: Any,
               leaf_weights: Sequence[Any] | None, kwargs: dict) -> PyTree:
@@ -451,9 +451,14 @@ def _ntk_impl_fn(model_or_f: Any, trace_axes: Axes, diagonal_axes: Axes, vmap_ax
       return adapter.apply(p, rest, x, **kw)
     ctx = _make_ctx(f, x1, x2, params, kwargs, trace_axes, diagonal_axes, vmap_axes,
                     leaf_weights)
-    return impl(ctx)
+    return kernel(ctx)
 
   return _KernelCall(adapter, compute)
+
+
+def _ntk_impl_fn(model_or_f: Any, trace_axes: Axes, diagonal_axes: Axes, vmap_axes: VMapAxes,
+                 implementation: NtkImplementation) -> _KernelCall:
+  return _kernel_call(model_or_f, _IMPLS[implementation], trace_axes, diagonal_axes, vmap_axes)
 
 
 def empirical_ntk_fn(
@@ -509,17 +514,7 @@ def empirical_nngp_fn(model_or_f: Any, trace_axes: Axes = (-1,), diagonal_axes: 
   One kernel per output leaf, traced over ``trace_axes`` (divided by their size) and
   diagonal over ``diagonal_axes``, with NT's output layout. See :func:`empirical_ntk_fn`.
   """
-  adapter = adapt(model_or_f)
-
-  def compute(x1: PyTree, x2: PyTree | None, params: PyTree, rest: Any,
-              leaf_weights: Any, kwargs: dict) -> PyTree:
-    del leaf_weights
-
-    def f(p: PyTree, x: PyTree, **kw: Any) -> PyTree:
-      return adapter.apply(p, rest, x, **kw)
-    return _nngp(_make_ctx(f, x1, x2, params, kwargs, trace_axes, diagonal_axes, None))
-
-  return _KernelCall(adapter, compute)
+  return _kernel_call(model_or_f, _nngp, trace_axes, diagonal_axes, None)
 
 
 _GETS = ("nngp", "ntk")

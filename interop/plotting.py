@@ -61,6 +61,11 @@ def _band(ax: Axes, x: np.ndarray, y: np.ndarray, label: str, **kwargs: Any) -> 
   ax.fill_between(x, y.min(axis=1), y.max(axis=1), color=line.get_color(), alpha=0.2, lw=0)
 
 
+def _default_rmse_metrics(available: Mapping[str, Any]) -> list[str]:
+  """The RMSE metrics in `available` that the agreement plots show by default."""
+  return [m for m in _RMSE_LABELS if m in available and m != "rmse_ensemble_mean_infinite_mean"]
+
+
 def _log_x(x: np.ndarray) -> tuple[np.ndarray, bool]:
   """Log x-axis when the recorded points span decades (step 0 is dropped then)."""
   positive = x[x > 0]
@@ -102,8 +107,7 @@ def plot_agreement_over_time(comparison: Comparison, *,
                              ax: Axes | None = None) -> Axes:
   """Test-output RMSE between finite, linearized and infinite networks against time."""
   ax = _axes(ax)
-  metrics = metrics or [m for m in _RMSE_LABELS if m in comparison.metrics
-                        and m != "rmse_ensemble_mean_infinite_mean"]
+  metrics = metrics or _default_rmse_metrics(comparison.metrics)
   x, log = _log_x(comparison.times)
   keep = x > 0 if log else slice(None)
   for m in metrics:
@@ -129,9 +133,7 @@ def plot_agreement_over_width(sweep: WidthSweep, *, metrics: Sequence[str] | Non
     ax: axes to draw on.
   """
   ax = _axes(ax)
-  first = sweep.comparisons[0].metrics
-  metrics = metrics or [m for m in _RMSE_LABELS if m in first
-                        and m != "rmse_ensemble_mean_infinite_mean"]
+  metrics = metrics or _default_rmse_metrics(sweep.comparisons[0].metrics)
   widths = np.asarray(sweep.widths, float)
   for m in metrics:
     values = np.array([c.metrics[m][index] for c in sweep.comparisons])
@@ -140,21 +142,21 @@ def plot_agreement_over_width(sweep: WidthSweep, *, metrics: Sequence[str] | Non
     ref = np.array([c.metrics[metrics[0]][index] for c in sweep.comparisons])[0]
     ax.plot(widths, ref * np.sqrt(widths[0] / widths), color="grey", ls=":",
             label=r"$\propto 1/\sqrt{\mathrm{width}}$")
-  ax.set_xscale("log")
   ax.set_yscale("log")
-  _width_ticks(ax, widths)
-  ax.set_xlabel("width")
-  ax.set_ylabel("test output RMSE")
-  ax.legend(fontsize="small")
-  return ax
+  return _width_axis(ax, widths, "test output RMSE")
 
 
-def _width_ticks(ax: Axes, widths: np.ndarray) -> None:
-  """Labels a log x-axis with the widths themselves."""
+def _width_axis(ax: Axes, widths: np.ndarray, ylabel: str) -> Axes:
+  """A log x-axis "width" labelled with the widths themselves, `ylabel` and a legend."""
   from matplotlib.ticker import NullLocator
 
+  ax.set_xscale("log")
   ax.set_xticks(widths, [str(int(w)) for w in widths])
   ax.xaxis.set_minor_locator(NullLocator())
+  ax.set_xlabel("width")
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize="small")
+  return ax
 
 
 def plot_comparison(comparison: Comparison, *, title: str | None = None) -> Figure:
@@ -215,9 +217,4 @@ def plot_accuracy_over_width(sweep: WidthSweep, *, index: int = -1,
              label="infinite width, same t")
   if infinite_time_accuracy is not None:
     ax.axhline(infinite_time_accuracy, color="grey", ls=":", label="infinite width, t = inf")
-  ax.set_xscale("log")
-  _width_ticks(ax, widths)
-  ax.set_xlabel("width")
-  ax.set_ylabel("test accuracy")
-  ax.legend(fontsize="small")
-  return ax
+  return _width_axis(ax, widths, "test accuracy")

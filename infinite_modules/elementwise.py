@@ -65,7 +65,7 @@ def _affine_in_z(expr, constant_terms: bool) -> bool:
 
   def visit(e) -> bool:
     if not depends_on_z(e, memo):
-      return constant_terms
+      return constant_terms or _zero_literal(e)
     if e[0] == "z":
       return True
     name, args = e[1].name, e[3]
@@ -81,6 +81,59 @@ def _affine_in_z(expr, constant_terms: bool) -> bool:
     return False
 
   return visit(expr)
+
+
+def _zero_literal(e) -> bool:
+  return (e[0] == "lit" and not isinstance(e[1], jax.core.Tracer)
+          and bool(np.all(np.asarray(e[1]) == 0)))
+
+
+def split_affine(expr):
+  """(F, A) with expr = F(A(z)): A an affine-in-z part holding all location
+  constants, F free of them; None if there is no such split.
+
+  LayerNorm's output (z - mean) * inv_std is A; a relu after it is F, which
+  then gets its closed form even though A varies per example.
+  """
+  memo: dict = {}
+  order, seen = [], set()
+
+  def collect(e):  # affine z-dependent nodes, outermost first
+    if id(e) in seen or e[0] != "op" or not depends_on_z(e, memo):
+      return
+    seen.add(id(e))
+    if is_affine(e):
+      order.append(e)
+      return
+    for a in e[3]:
+      collect(a)
+
+  collect(expr)
+  for a_node in order:
+    rebuilt: dict = {}
+
+    def substitute(e, a_node=a_node, rebuilt=rebuilt):
+      if e is a_node:
+        return Z
+      if e[0] == "z":
+        raise _NoSplit  # z reached other than through A
+      if e[0] != "op" or not depends_on_z(e, memo):
+        return e
+      if id(e) not in rebuilt:
+        rebuilt[id(e)] = ("op", e[1], e[2], tuple(substitute(x) for x in e[3]))
+      return rebuilt[id(e)]
+
+    try:
+      f_node = substitute(expr)
+    except _NoSplit:
+      continue
+    if not ctx_nodes(f_node):
+      return f_node, a_node
+  return None
+
+
+class _NoSplit(Exception):
+  pass
 
 
 def ctx_nodes(expr) -> list:
@@ -295,6 +348,13 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
 
   if not root.gaussian:
     raise NotGaussianError()
+
+  split = split_affine(expr) if ctx else None
+  if split is not None:
+    # phi = F(A(z)): the affine map is exact and keeps Gaussianity, and F alone
+    # has no location constants, so it can be matched to a closed form.
+    f_node, a_node = split
+    return materialize(materialize(root, a_node, full, points), f_node, full, points)
 
   v1 = diag_of(root.var1, d, full) - m1 * m1
   v2 = diag_of(root.var2, d, full) - m2 * m2

@@ -161,13 +161,15 @@ _ALWAYS_RULE: set[str] = set()
 def evaluate_concrete(eqn: Eqn, invals) -> list:
   """Evaluates a primitive on both batches (values depending on inputs only)."""
   in_batch = any(v.batch_axis is not None for v in invals)
-  constant = not in_batch and not any(isinstance(v.v1, jax.core.Tracer) for v in invals)
+  constant = not any(isinstance(v.v1, jax.core.Tracer) or isinstance(v.v2, jax.core.Tracer)
+                     for v in invals)
   # A value with no batch axis in any input can still have one in its output
   # (jnp.zeros_like(x) is a broadcast of a literal to x's shape): it is then
   # evaluated on the second batch's shapes as well.
   batch_out = any(eqn.out_batch_axis(k) is not None for k in range(len(eqn.e1.outvars)))
-  # Input-independent constants (e.g. BatchNorm running statistics) stay
-  # concrete even inside a jit trace, so their values can be checked.
+  # Values not computed from traced inputs (BatchNorm running statistics, a
+  # structurally zero channel mean) stay concrete even inside a jit trace, so
+  # their values can be checked.
   with jax.ensure_compile_time_eval() if constant else contextlib.nullcontext():
     outs1 = _bind(eqn.e1, [v.v1 for v in invals])
     if in_batch or batch_out:
@@ -205,7 +207,7 @@ def _const_axes(eqn: Eqn, invals, k) -> frozenset:
     in_shape = np.shape(v.v1)
     const = {i for i in range(len(shape)) if i not in dims}
     for j, i in enumerate(dims):
-      if in_shape[j] == 1 or j in v.const_axes:
+      if _unit(v, j, in_shape) or j in v.const_axes:
         const.add(i)
     return frozenset(const)
   from infinite_modules.elementwise import ELEMENTWISE
@@ -214,11 +216,17 @@ def _const_axes(eqn: Eqn, invals, k) -> frozenset:
     for v in invals:
       vs = np.shape(v.v1)
       offset = len(shape) - len(vs)
-      own = {i for i in range(len(shape)) if i < offset or vs[i - offset] == 1
+      own = {i for i in range(len(shape)) if i < offset or _unit(v, i - offset, vs)
              or (i - offset) in v.const_axes}
       const &= own
     return frozenset(const)
   return frozenset()
+
+
+def _unit(v: Concrete, axis: int, shape) -> bool:
+  """A size-1 axis that broadcasts: not the batch axis, which varies with the
+  example even when the batch has a single example."""
+  return shape[axis] == 1 and axis != v.batch_axis
 
 
 def enter_call(interp: Interpreter, eqn: Eqn, invals):

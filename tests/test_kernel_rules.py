@@ -644,3 +644,40 @@ def test_kinked_phi_vs_numerical_integration(name, x64):
   nngp, ntk = one_hidden_kernels(phi_np, dphi_np, X1, X2, kinks=kinks)
   assert rel_err(k.nngp, nngp) < 1e-8, rel_err(k.nngp, nngp)
   assert rel_err(k.ntk, ntk) < 1e-8, rel_err(k.ntk, ntk)
+
+
+class NormRelu(nn.Module):
+  """Dense -> LayerNorm (no params) -> phi -> Dense: phi sees per-example constants."""
+  phi: object = nn.relu
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(WIDTH, kernel_init=jinit.variance_scaling(W_VAR, "fan_in", "normal"))(x)
+    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6)(h)
+    return nn.Dense(1, kernel_init=jinit.variance_scaling(OUT_VAR, "fan_in", "normal"),
+                    bias_init=jinit.normal(OUT_B_STD))(self.phi(h))
+
+
+def test_layernorm_then_relu_is_arccos_of_normalized_kernel(x64):
+  """relu after LayerNorm: phi = relu((z - 0) / sigma(x)) splits into an exact per-example
+  scaling and relu, whose arc-cosine closed form applies (channel means are exactly 0)."""
+  d = X1.shape[1]
+  k = lambda a, b: W_VAR * a @ b.T / d
+  k11, k22, k12 = np.diag(k(X1, X1)), np.diag(k(X2, X2)), k(X1, X2)
+  v1, v2 = k11 / (k11 + 1e-6), k22 / (k22 + 1e-6)       # variances after normalizing
+  norm = np.sqrt(np.outer(v1, v2))
+  theta = np.arccos(np.clip(k12 / np.sqrt(np.outer(k11, k22)), -1, 1))
+  e_relu = norm * (np.sin(theta) + (np.pi - theta) * np.cos(theta)) / (2 * np.pi)
+  got = im.kernel_fn(NormRelu(), X1[:1])(X1, X2)
+  np.testing.assert_allclose(got.nngp, OUT_VAR * e_relu + OUT_B_STD ** 2, rtol=1e-10)
+
+
+@pytest.mark.parametrize("phi", [nn.relu, jnp.tanh, lambda h: jnp.where(h > 0, h, 0.0)],
+                         ids=["relu", "tanh", "where_relu"])
+def test_batch_of_one_gives_the_same_rows(phi, x64):
+  """A per-example constant of a single-example batch is not mistaken for a uniform one."""
+  x = np.random.default_rng(3).normal(size=(4, X1.shape[1])) * np.arange(1, 5)[:, None]
+  kf = im.kernel_fn(NormRelu(phi), x[:1])
+  one, full = kf(x[:1], x[1:]), kf(x, x[1:])
+  np.testing.assert_allclose(one.nngp, full.nngp[:1], rtol=1e-12)
+  np.testing.assert_allclose(one.ntk, full.ntk[:1], rtol=1e-12)

@@ -250,6 +250,15 @@ def reduce_sum_rule(interp, eqn, invals):
     # Law of large numbers: sum_c phi(z_c) = C E[phi(z)], deterministic per example
     # (a sum over channel groups too multiplies by their number: each group is an
     # i.i.d. copy).
+    if x.root.mean1 is None and x.root.mean2 is None and (x.expr is None
+                                                         or ew.is_linear(x.expr)):
+      # A channel sum of a zero-mean field is exactly zero: kept as a concrete
+      # (untraced) zero, so that x - mean stays structurally linear and a
+      # nonlinearity after it (LayerNorm -> relu) keeps its closed form.
+      dtype = eqn.e1.outvars[0].aval.dtype
+      zeros = [np.zeros(eqn.out_shape(0, side), dtype) for side in (1, 2)]
+      return [Concrete(zeros[0], zeros[1], eqn.out_batch_axis(),
+                       frozenset(range(len(zeros[0].shape))))]
     try:
       m1, m2 = ew.means(x.root, x.expr, interp.full, interp.points)
     except ew.NotGaussianError:

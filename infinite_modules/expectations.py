@@ -197,6 +197,14 @@ def _hermite(points: int):
   return nodes, weights / np.sqrt(2 * np.pi)
 
 
+def _conditional(c, va, vb):
+  """(sqrt(va), slope, resid) with u - ma = sqrt(va) x and
+  v - mb = slope x + resid y for independent standard normal x, y."""
+  sa = safe_sqrt(va)
+  slope = jnp.where(sa > 0, c / jnp.where(sa > 0, sa, 1.0), 0.0)
+  return sa, slope, safe_sqrt(vb - slope * slope)
+
+
 def pair_expectation(fa: Callable, fb: Callable, c, va, vb, ma, mb, points: int = QUADRATURE_POINTS):
   """E[fa(u) fb(v)] for (u, v) Gaussian with means ma, mb by Gauss-Hermite.
 
@@ -207,9 +215,7 @@ def pair_expectation(fa: Callable, fb: Callable, c, va, vb, ma, mb, points: int 
   nodes, weights = _hermite(points)
   dtype = jnp.result_type(c, va, vb)
   nodes, weights = jnp.asarray(nodes, dtype), jnp.asarray(weights, dtype)
-  sa = safe_sqrt(va)
-  slope = jnp.where(sa > 0, c / jnp.where(sa > 0, sa, 1.0), 0.0)
-  resid = safe_sqrt(vb - slope * slope)
+  sa, slope, resid = _conditional(c, va, vb)
   expand = lambda t: jnp.asarray(t)[..., None]
 
   def one_outer(total, node):
@@ -246,6 +252,7 @@ PIECE_EDGES = {32: (-9.0, -3.0, 0.0, 3.0, 9.0), 64: (-9.0, -3.0, -1.0, 0.0, 1.0,
 PIECE_POINTS = {32: 8, 64: 12}
 _SMOOTHED_KINK_EDGES = {32: (-2.0, 2.0), 64: (-4.0, -1.0, 1.0, 4.0)}
 _LIMIT = 9.0                                            # integrate over +- 9 std
+_BISECTIONS = {32: 25, 64: 50}                          # grid cell / 2^n: below the dtype's eps
 _ROOT_GRID = 129                                        # grid that brackets the roots
 _ROOTS_OF_NON_MONOTONE_SWITCH = 2
 
@@ -310,7 +317,7 @@ def switch_points(switches, m, s, dtype):
   lim = _LIMIT
   grid = jnp.linspace(-lim, lim, _ROOT_GRID, dtype=dtype)
   centre = jnp.abs(grid[1:] + grid[:-1]) / 2
-  iters = 50 if jnp.finfo(dtype).bits > 32 else 25
+  iters = _BISECTIONS[_bits(dtype)]
   at = lambda x: m[..., None] + s[..., None] * x
   out = []
   for g, monotone in switches:
@@ -344,9 +351,7 @@ def pair_expectation_piecewise(fa: Callable, fb: Callable, c, va, vb, ma, mb, br
   """E[fa(u) fb(v)] as `pair_expectation`, for fa / fb smooth except at the points
   `breaks_a` / `breaks_b` (shape batch + (K,), in the units of u / v)."""
   dtype = jnp.result_type(c, va, vb)
-  sa = safe_sqrt(va)
-  slope = jnp.where(sa > 0, c / jnp.where(sa > 0, sa, 1.0), 0.0)
-  resid = safe_sqrt(vb - slope * slope)
+  sa, slope, resid = _conditional(c, va, vb)
   shape = jnp.broadcast_shapes(*(jnp.shape(t) for t in (c, va, vb, ma, mb)))
   bcast = lambda t: jnp.broadcast_to(t, shape)
   ma, mb, sa, slope, resid = (bcast(jnp.asarray(t, dtype)) for t in (ma, mb, sa, slope, resid))

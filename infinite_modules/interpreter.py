@@ -166,7 +166,8 @@ def evaluate_concrete(eqn: Eqn, invals) -> list:
   # A value with no batch axis in any input can still have one in its output
   # (jnp.zeros_like(x) is a broadcast of a literal to x's shape): it is then
   # evaluated on the second batch's shapes as well.
-  batch_out = any(eqn.out_batch_axis(k) is not None for k in range(len(eqn.e1.outvars)))
+  axes = [eqn.out_batch_axis(k) for k in range(len(eqn.e1.outvars))]
+  batch_out = any(axis is not None for axis in axes)
   # Values not computed from traced inputs (BatchNorm running statistics, a
   # structurally zero channel mean) stay concrete even inside a jit trace, so
   # their values can be checked.
@@ -177,8 +178,7 @@ def evaluate_concrete(eqn: Eqn, invals) -> list:
     else:
       outs2 = outs1
   results = []
-  for k, (o1, o2) in enumerate(zip(outs1, outs2)):
-    axis = eqn.out_batch_axis(k)
+  for k, (o1, o2, axis) in enumerate(zip(outs1, outs2, axes)):
     if in_batch and axis is None and np.ndim(o1) >= 0 and _depends_on_batch(eqn):
       raise eqn.error("it combines different examples of the batch (e.g. batch "
                       "statistics), so the kernel of one pair of inputs would depend on the "

@@ -631,6 +631,9 @@ KINKED = {
                    lambda t: 0.0 if t < -3 else (1.0 if t > 3 else (2 * t + 3) / 6), (-3.0, 3.0)),
     "clip_shifted": (lambda h: jnp.clip(h + 0.4, -0.5, 2.0), lambda t: min(max(t + 0.4, -0.5), 2.0),
                      lambda t: float(-0.9 < t < 1.6), (-0.9, 1.6)),
+    # switch |z| - 0.5 is not monotone: both of its roots must be split
+    "relu_of_abs": (lambda h: nn.relu(jnp.abs(h) - 0.5), lambda t: max(abs(t) - 0.5, 0.0),
+                    lambda t: float(np.sign(t)) * float(abs(t) > 0.5), (-0.5, 0.0, 0.5)),
 }
 
 

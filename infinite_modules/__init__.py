@@ -10,11 +10,12 @@ from infinite_modules.api import KernelFn, kernel_fn
 from infinite_modules.batching import batch
 from infinite_modules.errors import InfiniteWidthError, PriorError, UnsupportedPrimitiveError
 from infinite_modules.interpreter import register_rule
-from infinite_modules.kernel import Kernel
+from infinite_modules.kernel import Estimate, Kernel
 from infinite_modules.modules import LayerKernel, register_module
 from infinite_modules.priors import Prior, prior_from_initializer
 
 __all__ = [
+    "Estimate",
     "InfiniteWidthError",
     "Kernel",
     "KernelFn",

@@ -127,7 +127,8 @@ class KernelFn:
       nngp = nngp - root.mean1[:, None] * root.mean2[None, :]
       var1, var2 = var1 - root.mean1 ** 2, var2 - root.mean2 ** 2
     return Kernel(nngp=nngp, ntk=ntk, cov1=var1, cov2=var2, shape1=tuple(x1.shape),
-                  shape2=tuple(x2.shape))
+                  shape2=tuple(x2.shape), estimates=tuple(interp.estimates),
+                  error=jnp.asarray(interp.error, dtype))
 
 
 def _float_dtype(dtype):

@@ -98,6 +98,16 @@ class Interpreter:
   points: int
   used_params: set = dataclasses.field(default_factory=set)
   materialized: dict = dataclasses.field(default_factory=dict)
+  # Steps estimated rather than computed exactly, and the sum of their error bounds.
+  estimates: list = dataclasses.field(default_factory=list)
+  error: object = 0.0
+
+  def record_estimate(self, eqn: "Eqn", method: str, error) -> None:
+    """Marks the kernel as estimated at `eqn` with an absolute error bound `error`
+    (a scalar, possibly traced) on the kernel entries it affects."""
+    from infinite_modules.kernel import Estimate
+    self.estimates.append(Estimate(f"`{eqn.name}` at {eqn.where or '<top level>'}", method))
+    self.error = self.error + error
 
   def grad_coefficient(self, prior) -> float:
     """Weight of a parameter's gradient in the NTK.

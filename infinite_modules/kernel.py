@@ -21,6 +21,10 @@ class Kernel:
     cov2: (n2,) output variance of each input of the second batch.
     shape1: shape of the first input batch.
     shape2: shape of the second input batch.
+    estimates: the steps of the computation that are estimated rather than
+      exact (empty for an exact kernel), each with its method.
+    error: a bound on the absolute error of the `nngp` and `ntk` entries from
+      those steps (0 for an exact kernel).
   """
   nngp: jax.Array
   ntk: jax.Array
@@ -28,6 +32,25 @@ class Kernel:
   cov2: jax.Array
   shape1: tuple[int, ...] = dataclasses.field(metadata={"static": True})
   shape2: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+  estimates: tuple["Estimate", ...] = dataclasses.field(default=(), metadata={"static": True})
+  error: jax.Array | float = 0.0
+
+  @property
+  def exact(self) -> bool:
+    """Whether every step of the kernel is exact (no estimated expectation)."""
+    return not self.estimates
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """A step of a kernel computation that is estimated rather than exact.
+
+  Attributes:
+    where: the primitive and module path of the step.
+    method: how it is estimated (e.g. "quasi-Monte Carlo, 4096 points, seed 0").
+  """
+  where: str
+  method: str
 
 
 _GET_NAMES = ("nngp", "ntk", "cov1", "cov2")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from infinite_modules.api import KernelFn
 from infinite_modules.batching import outputs
 from infinite_modules.batching.dispatch import DIAGONAL, OFF, EagerTiles, ShardedTiles, TileCall
 from infinite_modules.batching.tiles import TilePlan, digest, num_examples
@@ -83,10 +84,12 @@ def batch(kernel_fn: Callable, batch_size: int, *, progress: bool = True,
   if in_flight < 1:
     raise ValueError(f"in_flight must be >= 1, got {in_flight}.")
 
+  compiled = {}
+
   def batched(x1, x2=None, *args, path: str | os.PathLike | None = None, **kwargs):
     chosen = list(mesh.devices.flat) if mesh is not None else list(devices or jax.local_devices())
     return _Run(kernel_fn, int(batch_size), chosen, jit, in_flight, checkpoint_seconds,
-                progress).compute(x1, x2, args, kwargs, path)
+                progress, compiled).compute(x1, x2, args, kwargs, path)
 
   return batched
 
@@ -100,6 +103,7 @@ class _Run:
   in_flight: int
   checkpoint_seconds: float
   progress: bool
+  compiled: dict
 
   def compute(self, x1, x2, args, kwargs, path):
     process, processes = jax.process_index(), jax.process_count()
@@ -115,7 +119,8 @@ class _Run:
     x2 = x1 if symmetric else jax.tree_util.tree_map(np.asarray, x2)
     plan = TilePlan.create(num_examples(x1), num_examples(x2), self.batch_size, symmetric)
     call = TileCall(self.kernel_fn, args, kwargs)
-    runner = (ShardedTiles if self.jit else EagerTiles)(call, self.devices, plan, x1, x2)
+    runner = (ShardedTiles if self.jit else EagerTiles)(call, self.devices, plan, x1, x2,
+                                                            self.compiled)
 
     store = outputs.MemoryStore() if path is None else outputs.NpyStore(path)
     ledger, resumed = None, False
@@ -125,7 +130,12 @@ class _Run:
       ledger = outputs.TileLedger(store.base, identity, plan.grid, process)
       resumed = ledger.load()
     done = ledger.done if ledger is not None else np.zeros(plan.grid, bool)
-    kind = lambda t: DIAGONAL if symmetric and t[0] == t[1] else OFF
+    # A KernelFn computes kernel_fn(x, None) as kernel_fn(x, x): its diagonal tiles share
+    # the off-diagonal tiles' compiled function. Others (empirical kernels) reuse work.
+    diagonal = symmetric and not isinstance(self.kernel_fn, KernelFn)
+
+    def kind(tile):
+      return DIAGONAL if diagonal and tile[0] == tile[1] else OFF
 
     # The first tile runs alone: its output fixes the arrays to allocate. On a resumed
     # run it is a finished tile, recomputed to check the file holds this kernel.

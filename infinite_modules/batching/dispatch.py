@@ -42,6 +42,16 @@ class TileCall:
     self.arrays = [a for a, d in zip(leaves, self.is_array) if d]
     self.static = [a for a, d in zip(leaves, self.is_array) if not d]
 
+  @property
+  def signature(self):
+    """What the traced tile function depends on besides array shapes; None if unhashable."""
+    key = (self.treedef, tuple(self.is_array), tuple(self.static))
+    try:
+      hash(key)
+    except TypeError:
+      return None
+    return key
+
   def __call__(self, a, b, arrays):
     arrays, static = iter(arrays), iter(self.static)
     leaves = [next(arrays) if d else next(static) for d in self.is_array]
@@ -52,13 +62,23 @@ class TileCall:
 class ShardedTiles:
   """Stacks of `len(devices)` tiles, one per device, through `jax.shard_map`."""
 
-  def __init__(self, call: TileCall, devices, plan: TilePlan, x1, x2):
+  def __init__(self, call: TileCall, devices, plan: TilePlan, x1, x2, cache: dict):
     self.mesh = Mesh(np.asarray(devices).reshape(-1), ("tiles",))
     self.width = self.mesh.size
     self.plan, self.x1, self.x2 = plan, x1, x2
     self.stacked = NamedSharding(self.mesh, P("tiles"))
     self.arrays = jax.device_put(call.arrays, NamedSharding(self.mesh, P()))
-    self.fns = {kind: self._compile(call, kind) for kind in (DIAGONAL, OFF)}
+    # `cache` lives as long as the batched function: later calls (other inputs, the same
+    # tile shapes) reuse the compiled tile functions.
+    self.fns = {}
+    for kind in (DIAGONAL, OFF):
+      if call.signature is None:
+        self.fns[kind] = self._compile(call, kind)
+        continue
+      key = (kind, tuple(devices), call.signature)
+      if key not in cache:
+        cache[key] = self._compile(call, kind)
+      self.fns[kind] = cache[key]
 
   def _compile(self, call: TileCall, kind: str):
     def per_device(a, b, arrays):
@@ -91,7 +111,8 @@ class EagerTiles:
 
   width = 1
 
-  def __init__(self, call: TileCall, devices, plan: TilePlan, x1, x2):
+  def __init__(self, call: TileCall, devices, plan: TilePlan, x1, x2, cache: dict):
+    del cache  # nothing compiled here: the kernel function compiles (or not) itself
     self.call, self.devices, self.plan, self.x1, self.x2 = call, list(devices), plan, x1, x2
     self.arrays = [jax.device_put(call.arrays, d) for d in self.devices]
     self.count = 0

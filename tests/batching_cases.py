@@ -3,6 +3,7 @@
 Run as a script it is the worker of the multi-device and multi-host tests:
   python tests/batching_cases.py devices            (under a 4-device XLA_FLAGS)
   python tests/batching_cases.py host PORT K OUT    (process K of 2 of a jax.distributed run)
+  python tests/batching_cases.py killed PATH        (a slow run into PATH, to be SIGKILLed)
 """
 
 from __future__ import annotations
@@ -81,6 +82,22 @@ def _devices_worker():
   print("DEVICES OK")
 
 
+def _killed_worker(path):
+  """Writes an FCN kernel into `path` slowly (0.2 s per tile), to be killed midway."""
+  import time
+
+  import infinite_modules as im
+  x1, x2 = inputs("fcn", 40, 30)
+  kf = im.kernel_fn(MLP(), x1[:1])
+
+  def slow(*args, **kwargs):
+    time.sleep(0.2)
+    return kf(*args, **kwargs)
+
+  im.batch(slow, 4, progress=False, jit=False, checkpoint_seconds=0)(x1, x2, get="ntk",
+                                                                     path=path)
+
+
 def _host_worker(port, process, out):
   import jax
   jax.config.update("jax_platforms", "cpu")
@@ -100,5 +117,7 @@ if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if sys.argv[1] == "devices":
     _devices_worker()
+  elif sys.argv[1] == "killed":
+    _killed_worker(sys.argv[2])
   else:
     _host_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -3,9 +3,11 @@ file, 1 or 4 devices, 1 or 2 processes), for analytic, empirical and Monte Carlo
 functions; an interrupted run resumes to the same kernel."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -102,6 +104,28 @@ def test_file_output_resumes_after_interruption(setup, tmp_path):
     im.batch(kf, 3, progress=False)(x1, x2, get="nngp", path=path)
   with pytest.raises(ValueError, match="records another kernel"):
     im.batch(kf, 3, progress=False)(x1 + 1, x2, get="ntk", path=path)
+
+
+@pytest.mark.slow
+def test_run_killed_by_sigkill_resumes(tmp_path):
+  path = str(tmp_path / "k.npy")
+  ledger = tmp_path / "k.tiles-p0.npy"
+  proc = subprocess.Popen([sys.executable, os.path.join(HERE, "batching_cases.py"), "killed",
+                           path], env=_worker_env(1))
+  try:
+    deadline = time.monotonic() + 240
+    while not (ledger.exists() and np.load(ledger).sum() >= 5):
+      assert time.monotonic() < deadline and proc.poll() is None, "no tiles were recorded"
+      time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  finished = int(np.load(ledger).sum())
+  assert 5 <= finished < 10 * 8  # killed midway through the 10 x 8 tiles
+  x1, x2 = inputs("fcn", 40, 30)
+  kf = im.kernel_fn(MLP(), x1[:1])
+  assert_same(im.batch(kf, 4, progress=False)(x1, x2, get="ntk", path=path), kf(x1, x2, get="ntk"))
 
 
 def test_kernel_to_files(setup, tmp_path):

@@ -60,7 +60,7 @@ def assert_same(batched, direct, rtol=1e-5, atol=1e-6):
 
 
 def _devices_worker():
-  """Every model, symmetric and not, ragged, on 4 devices; and an empirical NTK."""
+  """Every model, symmetric and not, ragged, on 4 devices and on 1; and an empirical NTK."""
   import jax
 
   import infinite_modules as im
@@ -69,9 +69,11 @@ def _devices_worker():
   for name, (model, _) in MODELS.items():
     x1, x2 = inputs(name)
     kf = im.kernel_fn(model(), x1[:1])
-    batched = im.batch(kf, 3, progress=False)  # 3 x 2 tiles: one stack of 4, one ragged
-    assert_same(batched(x1, x2), kf(x1, x2))
-    assert_same(batched(x1), kf(x1))
+    direct, direct_sym = kf(x1, x2), kf(x1)
+    for devices in (None, jax.devices()[:1]):
+      batched = im.batch(kf, 3, devices=devices, progress=False)  # 3 x 2 tiles, ragged
+      assert_same(batched(x1, x2), direct)
+      assert_same(batched(x1), direct_sym)
   x1, x2 = inputs("fcn")
   model = MLP()
   variables = model.init(jax.random.PRNGKey(0), x1[:1])

@@ -37,6 +37,15 @@ def test_batched_equals_direct(setup, batch_size):
   assert_same(im.batch(kf, batch_size, progress=False)(x1, get="ntk"), kf(x1, get="ntk"))
 
 
+def test_float64():
+  with jax.enable_x64(True):
+    x1, x2 = (x.astype(np.float64) for x in inputs("fcn"))
+    kf = im.kernel_fn(MLP(), x1[:1])
+    out = im.batch(kf, 3, progress=False)(x1, x2, get="ntk")
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out, kf(x1, x2, get="ntk"), rtol=1e-12, atol=1e-12)
+
+
 def test_symmetric_computes_the_upper_tiles_once(setup):
   kf, x1, _, _ = setup
   calls = []
@@ -156,7 +165,8 @@ def _worker_env(devices):
   return env
 
 
-def test_four_devices():
+def test_models_on_four_devices_and_one():
+  """FCN, CNN-flatten (diagonal layout) and pooled CNN (full layout), symmetric and not."""
   run = subprocess.run([sys.executable, os.path.join(HERE, "batching_cases.py"), "devices"],
                        env=_worker_env(4), capture_output=True, text=True, timeout=300,
                        check=False)

@@ -28,7 +28,8 @@ def batch(kernel_fn: Callable, batch_size: int, *, progress: bool = True,
   compiled tile function serves all). Tiles run asynchronously on every device
   of `mesh` (default: all local devices) while finished tiles are copied into
   the output, with a progress bar (tiles, entries per second, ETA). Memory on
-  a device is bounded by `in_flight` tiles; on the host by the output.
+  a device is bounded by `in_flight + 1` tiles; on the host by the output (or
+  about one tile, with `path=`). A host-side loop: call it outside `jax.jit`.
 
   With `x2=None` the kernel is symmetric, K(x_j, x_i) = K(x_i, x_j)^T, so only
   the tiles on and above the diagonal are computed (diagonal tiles as
@@ -247,8 +248,7 @@ class _Tracker:
   def finished(self, tile, leaves):
     outputs.write_tile(self.store, self.specs, self.plan, tile, leaves, self.mirror)
     self.pending.append(tile)
-    self.entries += self.plan.entries(tile) if self.mirror else self.plan.entries(tile) // (
-        2 if self.plan.symmetric and tile[0] != tile[1] else 1)
+    self.entries += self.plan.entries(tile, self.mirror)
     now = time.monotonic()
     if self.ledger is not None and now - self.last_sync > self.checkpoint_seconds:
       self.checkpoint()

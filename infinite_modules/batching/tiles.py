@@ -52,11 +52,10 @@ class TilePlan:
   def cols(self, j: int) -> tuple[int, int]:
     return j * self.size2, min((j + 1) * self.size2, self.n2)
 
-  def entries(self, tile: Tile) -> int:
-    """Kernel entries a tile fills (twice its size for a mirrored off-diagonal tile)."""
+  def entries(self, tile: Tile, mirror: bool) -> int:
+    """Kernel entries a tile fills (twice its size when mirrored below the diagonal)."""
     (r0, r1), (c0, c1) = self.rows(tile[0]), self.cols(tile[1])
-    mirrored = self.symmetric and tile[0] != tile[1]
-    return (r1 - r0) * (c1 - c0) * (2 if mirrored else 1)
+    return (r1 - r0) * (c1 - c0) * (2 if mirror and tile[0] != tile[1] else 1)
 
 
 def padded_block(x, start: int, size: int):

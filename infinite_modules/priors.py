@@ -204,6 +204,18 @@ _FLAX_WRAPPERS: dict[str, Callable[[Callable, tuple], tuple[Callable, tuple]]] =
 _BOXING_WRAPPER_MODULES = ("flax.core.meta", "flax.linen.spmd")
 
 
+@dataclasses.dataclass(frozen=True)
+class InitializerCall:
+  """An initializer and the shape it was called with when the parameter was created.
+
+  Lifted transforms stack parameters: `nn.scan(..., variable_axes={"params": 0})`
+  calls each layer's initializer with the layer's own shape and stacks the draws into
+  a leaf of shape (layers, *shape). The fans are those of the call, not of the leaf.
+  """
+  init: Any
+  shape: tuple[int, ...]
+
+
 def unwrap_initializer(init: Any, shape: Sequence[int]) -> tuple[Any, tuple]:
   """Follows known wrappers down to the initializer that draws the values.
 
@@ -242,6 +254,13 @@ def prior_from_initializer(init: Any, shape: Sequence[int], name: str = "?") -> 
   Raises:
     PriorError: for an initializer whose distribution is not known exactly.
   """
+  if isinstance(init, InitializerCall):
+    # The leaf is (*stacked axes, *call shape): every layer draws with the call's fans.
+    called = tuple(init.shape)
+    leaf = tuple(shape)
+    if len(called) <= len(leaf) and leaf[len(leaf) - len(called):] == called:
+      shape = called
+    init = init.init
   if isinstance(init, Prior):
     return init
   if init is None:

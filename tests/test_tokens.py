@@ -86,11 +86,11 @@ def test_dense_general_heads_equal_flat_dense():
   """(heads, head_dim) outputs are i.i.d. like heads * head_dim channels: same kernels."""
   x = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
   y = x[:2] * 0.5
-  for parameterization in ("ntk", "standard"):
-    split = im.kernel_fn(Heads(True), x, parameterization=parameterization)(x, y)
-    flat = im.kernel_fn(Heads(False), x, parameterization=parameterization)(x, y)
-    np.testing.assert_allclose(split.nngp, flat.nngp, rtol=1e-6)
-    np.testing.assert_allclose(split.ntk, flat.ntk, rtol=1e-6)
+  # (Standard parameterization: its NTK depends on the fans, the NNGP on the variances.)
+  split = im.kernel_fn(Heads(True), x, parameterization="standard")(x, y)
+  flat = im.kernel_fn(Heads(False), x, parameterization="standard")(x, y)
+  np.testing.assert_allclose(split.nngp, flat.nngp, rtol=1e-6)
+  np.testing.assert_allclose(split.ntk, flat.ntk, rtol=1e-6)
 
 
 def test_haiku_head_split_reshape_equals_flat():

@@ -81,3 +81,51 @@ def test_wmt_encoder_with_sinusoidal_positions_names_the_constant():
   with pytest.raises(im.UnsupportedPrimitiveError,
                      match=r"(?s)add.*AddPositionEmbs.*per-channel constant"):
     im.kernel_fn(Encoder(), TOKENS)
+
+
+# ---------------------------------------------------------------- nn.scan over layers
+
+class ScanLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    dense = nn.Dense(16, kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+                     bias_init=nn.initializers.normal(0.1))
+    return nn.relu(dense(x)), None
+
+
+class Stack(nn.Module):
+  scan: bool = True
+  broadcast: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(16)(x)
+    if not self.scan:
+      for _ in range(3):
+        x, _ = ScanLayer()(x, None)
+    elif self.broadcast:  # one set of weights for every layer (weight sharing)
+      layers = nn.scan(ScanLayer, variable_broadcast="params", split_rngs={"params": False},
+                       length=3)
+      x, _ = layers()(x, None)
+    else:  # the usual transformer stack: each layer its own weights
+      layers = nn.scan(ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)
+      x, _ = layers()(x, None)
+    return nn.Dense(1)(x)
+
+
+def test_scan_over_layers_equals_the_unrolled_stack():
+  """Stacked parameters are independent layers whose initializer fans are those of one
+  layer (16, not 3 * 16 as the stacked leaf's shape would say): same kernels as the
+  unrolled network."""
+  x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+  scanned = im.kernel_fn(Stack(), x, parameterization="standard")(x)
+  unrolled = im.kernel_fn(Stack(scan=False), x, parameterization="standard")(x)
+  np.testing.assert_allclose(scanned.nngp, unrolled.nngp, rtol=1e-6)
+  np.testing.assert_allclose(scanned.ntk, unrolled.ntk, rtol=1e-6)
+
+
+def test_scan_with_broadcast_parameters_is_weight_sharing():
+  x = np.ones((2, 5), np.float32)
+  with pytest.raises(im.InfiniteWidthError, match="more than one layer"):
+    im.kernel_fn(Stack(broadcast=True), x)

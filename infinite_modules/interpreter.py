@@ -220,6 +220,15 @@ def _const_axes(eqn: Eqn, invals, k) -> frozenset:
       if _unit(v, j, in_shape) or j in v.const_axes:
         const.add(i)
     return frozenset(const)
+  if name in ("reduce_max", "reduce_min", "reduce_sum", "argmax", "argmin"):
+    # A reduction keeps the constant axes it does not reduce (softmax over keys of
+    # attention logits that are the same in every head).
+    (v,) = invals[:1]
+    reduced = set(eqn.params["axes"])
+    kept = [i for i in range(np.ndim(v.v1)) if i not in reduced]
+    return frozenset(j for j, i in enumerate(kept) if i in v.const_axes)
+  if name == "stop_gradient":
+    return invals[0].const_axes
   from infinite_modules.elementwise import ELEMENTWISE
   if name in ELEMENTWISE:
     const = set(range(len(shape)))

@@ -126,18 +126,14 @@ def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype)
               spatial=tuple(a.shape[1:1 + d]), channels=1, gaussian=False, origins=frozenset())
 
 
-_ATTENTION_HINT = ("Use `interop.monte_carlo_kernel_fn` for a Monte Carlo estimate of an "
-                   "attention model's kernel.")
-
-
 def dot_general_rule(interp: Interpreter, eqn, invals):
   lhs, rhs = invals
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  if (lb or rb) and all(isinstance(v, Field) for v in invals):
-    raise eqn.error(
-        "a batched product of two fields (attention: queries x keys, or attention weights x "
-        "values) has no kernel rule yet; the infinite-width limit of attention with a fixed "
-        "number of heads (Hron et al. 2020) is not implemented.", _ATTENTION_HINT)
+  if not any(isinstance(v, ParamRef) for v in invals) and any(isinstance(v, Field)
+                                                              for v in invals):
+    # Queries x keys, attention weights x values.
+    from infinite_modules.rules.attention import product_rule
+    return product_rule(interp, eqn, invals)
   if lb or rb:
     raise eqn.error("batched matrix products with parameters (per-position weights, e.g. "
                     "nn.ConvLocal) or inputs are not supported.")
@@ -148,8 +144,7 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
   else:
     raise eqn.error(
         "only products of a field or input with a weight parameter have an exact kernel "
-        "(field x field, e.g. attention scores, or field x constant matrix is not supported).",
-        _ATTENTION_HINT if all(isinstance(v, Field) for v in invals) else None)
+        "(besides attention: field x field and input-dependent weights x field).")
   out_axes, factor, grad = _weight(interp, eqn, w, wc)
   width_out = w.shape[out_axes[-1]]
   # Several output axes: the last is the channel axis, the others finite channel groups.

@@ -155,6 +155,14 @@ def run_jaxpr(interp: Interpreter, j1, j2, jp, consts1, consts2, invals, prefix:
 
 
 def apply_rule(interp: Interpreter, eqn: Eqn, invals):
+  deferred = [v for v in invals if hasattr(v, "consumed_by")]
+  if deferred:
+    # A value whose limit depends on how it is used next (attention logits: the scale
+    # applied after the product decides between deterministic and Gaussian logits).
+    outs = deferred[0].consumed_by(interp, eqn, invals)
+    if outs is not None:
+      return outs
+    invals = [v.resolve(eqn) if hasattr(v, "consumed_by") else v for v in invals]
   if all(isinstance(v, Concrete) for v in invals) and eqn.name not in _ALWAYS_RULE:
     return evaluate_concrete(eqn, invals)
   rule = RULES.get(eqn.name)

@@ -1,6 +1,12 @@
 """Transformer building blocks from Flax's own examples: what gets a kernel and what
 raises one precise error.
 
+Attention with 1/head_dim logits has deterministic attention weights at infinite width:
+checked against Neural Tangents' `GlobalSelfAttention(linear_scaling=True)` (tied
+query/key weights; reference arrays in tests/data, from NT 0.6.5 in float64) and against
+Monte Carlo averages over wide inits of the real Flax `nn.SelfAttention`. The usual
+1/sqrt(head_dim) logits stay random and are refused with a precise error.
+
 The encoder is Flax's `examples/wmt/models.py` encoder shrunk (embedding, positional
 embedding, pre-LayerNorm self-attention block with an MLP, final LayerNorm): the
 embedding and learned positions have exact rules (tests/test_tokens.py); attention
@@ -9,11 +15,21 @@ has none yet, and must say so where it happens rather than fail elsewhere or gue
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_models import assert_mc_close, is_symmetric_psd, linen_init_apply, mc_nngp
 
 import infinite_modules as im
+
+
+def vs(variance):
+  """Gaussian variance-scaling initializer (the Gaussian-weight kernel is exact for it)."""
+  return nn.initializers.variance_scaling(variance, "fan_in", "normal")
 
 
 def sinusoidal_init(max_len, min_scale=1.0, max_scale=10000.0):
@@ -70,8 +86,9 @@ TOKENS = np.array([[1, 2, 3, 4], [4, 3, 2, 1]], np.int32)
 
 
 def test_wmt_encoder_with_learned_positions_names_attention():
+  """Flax's default 1/sqrt(head_dim) logits: random attention weights, not implemented."""
   with pytest.raises(im.UnsupportedPrimitiveError,
-                     match=r"(?s)dot_general.*SelfAttention.*attention.*not implemented"):
+                     match=r"(?s)SelfAttention.*1/sqrt\(head_dim\).*not implemented"):
     im.kernel_fn(Encoder(nn.initializers.normal(0.02)), TOKENS)
 
 
@@ -129,3 +146,102 @@ def test_scan_with_broadcast_parameters_is_weight_sharing():
   x = np.ones((2, 5), np.float32)
   with pytest.raises(im.InfiniteWidthError, match="more than one layer"):
     im.kernel_fn(Stack(broadcast=True), x)
+
+
+# ---------------------------------------------------------------- attention
+
+def attention_1_over_d(query, key, value, **kwargs):
+  """Flax's dot-product attention with logits scaled by 1/head_dim (not 1/sqrt(head_dim))."""
+  depth = query.shape[-1]
+  return nn.dot_product_attention(query / jnp.sqrt(depth).astype(query.dtype), key, value,
+                                  **kwargs)
+
+
+class TiedAttention(nn.Module):
+  """NT's GlobalSelfAttention(linear_scaling=True) written in Flax: queries = keys (one
+  projection), logits / head_dim, 2 heads, then GlobalAvgPool and a Dense readout."""
+  head_dim: int = 8
+  readout: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    qk = nn.DenseGeneral((2, self.head_dim), kernel_init=vs(1.5 ** 2), use_bias=False)(x)
+    v = nn.DenseGeneral((2, self.head_dim), kernel_init=vs(1.2 ** 2), use_bias=False)(x)
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", qk, qk) / qk.shape[-1], axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    o = nn.DenseGeneral(self.head_dim, axis=(-2, -1), kernel_init=vs(0.9 ** 2),
+                        use_bias=False)(o)
+    return nn.Dense(self.readout, kernel_init=vs(1.0))(o.mean(1))
+
+
+def test_linear_scaling_attention_matches_neural_tangents():
+  data = np.load(os.path.join(os.path.dirname(__file__), "data",
+                              "attention_linear_scaling.npz"))
+  with jax.enable_x64(True):
+    kf = im.kernel_fn(TiedAttention(), data["x1"])
+    k12 = kf(data["x1"], data["x2"])
+    k11 = kf(data["x1"])
+  assert kf.layout == "full" and k12.exact
+  for got, ref in ((k12.nngp, "nngp12"), (k12.ntk, "ntk12"), (k11.nngp, "nngp11"),
+                   (k11.ntk, "ntk11")):
+    np.testing.assert_allclose(got, data[ref], rtol=1e-10, atol=1e-12)
+
+
+class AttentionBlock(nn.Module):
+  """A 2-head nn.SelfAttention block read out at the first position (so the attention
+  weights matter: uniform weights average the positions, identity weights would not)."""
+  width: int = 16
+  attention_fn: object = attention_1_over_d
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.SelfAttention(num_heads=2, qkv_features=self.width, out_features=self.width,
+                         kernel_init=vs(1.0), bias_init=nn.initializers.normal(0.3),
+                         attention_fn=self.attention_fn, deterministic=True)(x)
+    return nn.Dense(64, kernel_init=vs(1.0))(h[:, 0])
+
+
+def _sequences(n, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 4, 3)).astype(np.float32)
+  x[:, :, 0] += 1.0  # a shared direction: positions are correlated
+  return x
+
+
+def test_self_attention_block_monte_carlo():
+  """2-head nn.SelfAttention (1/head_dim logits) at width 512 vs the mean over 224 inits.
+
+  Independent query and key projections give logits -> 0 and uniform attention
+  weights; the readout at position 0 then sees the average of all positions'
+  values. A rule that skipped the attention (identity weights) is off by 13% to 200%
+  of the correlation scale on the cross entries here (computed with the same
+  projections and no attention), well past the 5% bound."""
+  x1, x2 = _sequences(3, 0), _sequences(2, 1)
+  model = AttentionBlock(width=512)
+  k = im.kernel_fn(model, x1)(x1, x2)
+  init, apply = linen_init_apply(model, x1[:1])
+  est = mc_nngp(init, apply, np.concatenate([x1, x2]), samples=224, seed=4)
+  assert_mc_close(est, len(x1), k.nngp, k.cov1, k.cov2, what="attention nngp")
+
+
+@pytest.mark.slow
+def test_tied_attention_monte_carlo():
+  """The tied-weight (NT linear_scaling) attention at head_dim 512: non-uniform weights."""
+  x1, x2 = _sequences(3, 2), _sequences(2, 3)
+  model = TiedAttention(head_dim=512, readout=64)
+  k = im.kernel_fn(model, x1)(x1, x2)
+  init, apply = linen_init_apply(model, x1[:1])
+  est = mc_nngp(init, apply, np.concatenate([x1, x2]), samples=200, seed=5)
+  assert_mc_close(est, len(x1), k.nngp, k.cov1, k.cov2, what="tied attention nngp")
+
+
+def test_default_attention_scaling_is_refused_precisely():
+  x = _sequences(2, 0)
+  with pytest.raises(im.UnsupportedPrimitiveError, match=r"1/sqrt\(head_dim\) \(head_dim 16\)"):
+    im.kernel_fn(AttentionBlock(attention_fn=nn.dot_product_attention), x)
+
+
+def test_attention_kernel_is_symmetric_psd():
+  x = _sequences(5, 6)
+  k = im.kernel_fn(AttentionBlock(), x)(x)
+  assert is_symmetric_psd(k.nngp) and is_symmetric_psd(k.ntk)

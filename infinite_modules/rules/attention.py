@@ -87,17 +87,6 @@ def logits_rule(interp: Interpreter, eqn, lhs: Field, rhs: Field):
   if rhs.root.channels != width:
     raise eqn.error("a product of fields of different widths.", _HINT)
   t = _linear_scale(eqn, lhs) * _linear_scale(eqn, rhs)
-  if abs(t * np.sqrt(width) - 1) <= _SCALE_RTOL and abs(t * width - 1) > _SCALE_RTOL:
-    raise eqn.error(
-        f"attention logits scaled by 1/sqrt(head_dim) (head_dim {width}) converge to a "
-        "Gaussian process over (query, key) positions at infinite width, and the attention "
-        "weights stay random (Hron et al. 2020); the expectation of the softmax over "
-        "Gaussian logits is not implemented.", _HINT)
-  if abs(t * width - 1) > _SCALE_RTOL:
-    raise eqn.error(
-        f"attention logits scaled by {t:.6g} = {t * width:.6g} / head_dim (head_dim "
-        f"{width}): only 1/head_dim gives deterministic attention weights at infinite "
-        "width.", _HINT)
   same = lhs.root is rhs.root
   if not same and (lhs.root.origins & rhs.root.origins):
     raise eqn.error("queries and keys depend on the same random parameters in different "
@@ -119,10 +108,66 @@ def logits_rule(interp: Interpreter, eqn, lhs: Field, rhs: Field):
         s = jnp.zeros((n, lroot.spatial[0], rroot.spatial[0]), interp.dtype)
       else:
         s = ml[:, :, None] * mr[:, None, :]
-    values.append(_to_output(eqn, t * width * s, batch_l, lb, lc, lhs, side))
+    values.append(_to_output(eqn, width * s, batch_l, lb, lc, lhs, side))
   # Constant along the head axes: every head is an i.i.d. copy with the same limit.
   heads = frozenset(j for j, atoms in enumerate(batch_l) if atoms != ("b",))
-  return [Concrete(values[0], values[1], batch_l.index(("b",)), heads)]
+  return [Logits(values[0], values[1], batch_l.index(("b",)), heads, width, t, eqn.where)]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Logits:
+  """sum_c f_c g_c of two fields, times `scale`: its limit depends on the scale.
+
+  `sum1`/`sum2` hold C E[z_q z'_k] (the law-of-large-numbers value of the unscaled
+  sum, zero for independent zero-mean fields) per side in the product's output layout.
+  Multiplications and divisions by constants update `scale`; any other use resolves
+  the value (module docstring): deterministic for scale = 1 / C, refused otherwise.
+  """
+  sum1: jax.Array
+  sum2: jax.Array
+  batch_axis: int
+  const_axes: frozenset
+  width: int
+  scale: float
+  where: str
+
+  def consumed_by(self, interp, eqn, invals):
+    """The outputs of `eqn` if it keeps the logits pending, else None (then `resolve`).
+
+    Products with (and divisions by) constant scalars update the scale; calls (jit,
+    custom_jvp) are entered with the logits still pending.
+    """
+    from infinite_modules.interpreter import RULES, concrete_scalar, enter_call
+    if RULES.get(eqn.name) is enter_call:
+      return enter_call(interp, eqn, invals)
+    if eqn.name == "mul" and len(invals) == 2:
+      other = invals[1] if invals[0] is self else invals[0]
+    elif eqn.name == "div" and len(invals) == 2 and invals[0] is self:
+      other = invals[1]
+    else:
+      return None
+    scalar = concrete_scalar(other)
+    if scalar is None or scalar == 0:
+      return None
+    factor = 1.0 / scalar if eqn.name == "div" else scalar
+    return [dataclasses.replace(self, scale=self.scale * factor)]
+
+  def resolve(self, eqn) -> Concrete:
+    """The deterministic 1/head_dim limit, or an error saying why there is none."""
+    t, width = self.scale, self.width
+    where = f" (logits computed in `{self.where}`)" if self.where else ""
+    if abs(t * width - 1) <= _SCALE_RTOL:
+      return Concrete(t * self.sum1, t * self.sum2, self.batch_axis, self.const_axes)
+    if abs(t * np.sqrt(width) - 1) <= _SCALE_RTOL:
+      raise eqn.error(
+          f"attention logits scaled by 1/sqrt(head_dim) (head_dim {width}){where} converge "
+          "to a Gaussian process over (query, key) positions at infinite width, and the "
+          "attention weights stay random (Hron et al. 2020); the expectation of the softmax "
+          "over Gaussian logits is not implemented.", _HINT)
+    raise eqn.error(
+        f"attention logits scaled by {t:.6g} = {t * width:.6g} / head_dim (head_dim "
+        f"{width}){where}: only 1/head_dim gives deterministic attention weights at infinite "
+        "width.", _HINT)
 
 
 def _materialized(interp, eqn, field: Field) -> Root:

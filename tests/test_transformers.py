@@ -237,7 +237,7 @@ def test_tied_attention_monte_carlo():
 
 def test_default_attention_scaling_is_refused_precisely():
   x = _sequences(2, 0)
-  with pytest.raises(im.UnsupportedPrimitiveError, match=r"1/sqrt\(head_dim\) \(head_dim 16\)"):
+  with pytest.raises(im.UnsupportedPrimitiveError, match=r"1/sqrt\(head_dim\) \(head_dim 8\)"):
     im.kernel_fn(AttentionBlock(attention_fn=nn.dot_product_attention), x)
 
 

@@ -150,11 +150,13 @@ def test_scan_with_broadcast_parameters_is_weight_sharing():
 
 # ---------------------------------------------------------------- attention
 
-def attention_1_over_d(query, key, value, **kwargs):
-  """Flax's dot-product attention with logits scaled by 1/head_dim (not 1/sqrt(head_dim))."""
+def attention_1_over_d(query, key, value, mask=None, **kwargs):
+  """Flax's dot-product attention with logits scaled by 1/head_dim (not 1/sqrt(head_dim)).
+
+  (`mask` is named: Flax passes a custom attention_fn only the arguments it names.)"""
   depth = query.shape[-1]
   return nn.dot_product_attention(query / jnp.sqrt(depth).astype(query.dtype), key, value,
-                                  **kwargs)
+                                  mask=mask, **kwargs)
 
 
 class TiedAttention(nn.Module):
@@ -245,3 +247,45 @@ def test_attention_kernel_is_symmetric_psd():
   x = _sequences(5, 6)
   k = im.kernel_fn(AttentionBlock(), x)(x)
   assert is_symmetric_psd(k.nngp) and is_symmetric_psd(k.ntk)
+
+
+class CausalAttention(nn.Module):
+  """nn.MultiHeadDotProductAttention with a causal mask and 1/head_dim logits, read out at
+  position 1 (or the same computed by hand: the mean of the values at positions 0 and 1)."""
+  by_hand: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.by_hand:
+      v = nn.DenseGeneral((2, 8), kernel_init=vs(1.0), name="value")(x)
+      o = v[:, :2].mean(1)
+      h = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_init=vs(1.0), name="out")(o)
+    else:
+      mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+      h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, kernel_init=vs(1.0),
+                                          attention_fn=attention_1_over_d)(x, x, mask=mask)
+      h = h[:, 1]
+    return nn.Dense(1, kernel_init=vs(1.0))(h)
+
+
+def test_causal_mask_gives_uniform_weights_over_the_past():
+  """Logits -> 0 (independent query/key projections), so the causal softmax averages the
+  values of positions 0..q: position 1 reads the mean of positions 0 and 1, exactly."""
+  x1, x2 = _sequences(3, 0), _sequences(2, 1)
+  a = im.kernel_fn(CausalAttention(), x1)(x1, x2)
+  b = im.kernel_fn(CausalAttention(by_hand=True), x1)(x1, x2)
+  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-5)
+  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-5)
+
+
+def test_haiku_attention_is_refused_precisely():
+  import haiku as hk
+
+  def f(x):
+    h = hk.MultiHeadAttention(num_heads=2, key_size=8, w_init=hk.initializers.RandomNormal())(
+        x, x, x)
+    return hk.Linear(1)(h[:, 0])
+
+  with pytest.raises(im.UnsupportedPrimitiveError,
+                     match=r"multi_head_attention.*1/sqrt\(head_dim\) \(head_dim 8\)"):
+    im.kernel_fn(hk.without_apply_rng(hk.transform(f)), _sequences(2, 0))

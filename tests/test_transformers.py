@@ -144,8 +144,21 @@ def test_scan_over_layers_equals_the_unrolled_stack():
 
 def test_scan_with_broadcast_parameters_is_weight_sharing():
   x = np.ones((2, 5), np.float32)
-  with pytest.raises(im.InfiniteWidthError, match="more than one layer"):
+  with pytest.raises(im.InfiniteWidthError, match="unsliced to each of its 3 iterations"):
     im.kernel_fn(Stack(broadcast=True), x)
+
+
+@pytest.mark.parametrize("cell", [nn.SimpleCell, nn.LSTMCell, nn.GRUCell])
+def test_recurrent_cells_name_the_recurrence(cell):
+  class Recurrent(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      # (The default orthogonal recurrent kernel is not i.i.d.: refused by its prior first.)
+      rnn = nn.RNN(cell(16, recurrent_kernel_init=nn.initializers.normal(0.25)))
+      return nn.Dense(1)(rnn(x)[:, -1])
+
+  with pytest.raises(im.UnsupportedPrimitiveError, match=r"(?s)scan.*RNN.*recurrence"):
+    im.kernel_fn(Recurrent(), _sequences(2, 0))
 
 
 # ---------------------------------------------------------------- attention

@@ -47,6 +47,15 @@ def scan_rule(interp: Interpreter, eqn, invals):
   length, n_consts, n_carry = p["length"], p["num_consts"], p["num_carry"]
   consts, carry, xs = (invals[:n_consts], invals[n_consts:n_consts + n_carry],
                        invals[n_consts + n_carry:])
+  shared = [c for c in consts if isinstance(c, ParamRef)]
+  if shared and length > 1:
+    raise eqn.error(
+        f"the scan passes the parameter `{shared[0].path}` unsliced to each of its {length} "
+        "iterations: the same weights at every step (a recurrence such as nn.RNN's cell, or "
+        "nn.scan with variable_broadcast='params'). Weights shared across steps make the "
+        "fields of different steps correlated, which is not supported.",
+        "Give each layer its own parameters (nn.scan(..., variable_axes={'params': 0})), or "
+        "use `interop.monte_carlo_kernel_fn`.")
   for x in xs:
     if isinstance(x, Field):
       raise eqn.error(

@@ -148,7 +148,8 @@ def test_scan_with_broadcast_parameters_is_weight_sharing():
     im.kernel_fn(Stack(broadcast=True), x)
 
 
-@pytest.mark.parametrize("cell", [nn.SimpleCell, nn.LSTMCell, nn.GRUCell])
+@pytest.mark.parametrize("cell", [nn.SimpleCell, pytest.param(nn.LSTMCell, marks=pytest.mark.slow),
+                                  pytest.param(nn.GRUCell, marks=pytest.mark.slow)])
 def test_recurrent_cells_name_the_recurrence(cell):
   class Recurrent(nn.Module):
     @nn.compact

@@ -153,7 +153,7 @@ def _relu_cross(k12, k11, k22):
   return norm * (np.sqrt(1 - c * c) + (np.pi - np.arccos(c)) * c) / (2 * np.pi)
 
 
-@pytest.mark.parametrize("positions", [False, True])
+@pytest.mark.parametrize("positions", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_embed_kernel_closed_form(positions):
   """Embed (variance 1) [+ positions (variance 0.25)] -> Dense + bias (0.01) -> relu ->
   mean over positions -> Dense: the closed form with token equality across positions."""

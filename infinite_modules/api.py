@@ -47,7 +47,7 @@ class KernelFn:
     self._treedef = jax.tree_util.tree_structure(traceable.params)
     self._shapes = [np.shape(p) for p in jax.tree_util.tree_leaves(traceable.params)]
     self._compute = jax.jit(self._kernel, static_argnames=("full",))
-    example = jax.ShapeDtypeStruct(np.shape(x_example), _float_dtype(np.asarray(x_example).dtype))
+    example = jax.ShapeDtypeStruct(np.shape(x_example), _input_dtype(np.asarray(x_example).dtype))
     try:
       jax.eval_shape(functools.partial(self._kernel, full=False), example, example)
       self.full = False
@@ -76,8 +76,7 @@ class KernelFn:
 
   def _check_input(self, x, name):
     x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      x = x.astype(_float_dtype(x.dtype))
+    x = x.astype(_input_dtype(x.dtype))
     if x.ndim != len(self._feature_shape) + 1 or tuple(x.shape[1:]) != self._feature_shape:
       raise ValueError(
           f"{name} has shape {tuple(x.shape)}, but the model was traced with inputs of shape "
@@ -89,18 +88,19 @@ class KernelFn:
     return x
 
   @functools.lru_cache(maxsize=32)  # noqa: B019 (one cache per kernel_fn is intended)
-  def _trace(self, n: int, dtype) -> Any:
+  def _trace(self, n: int, x_dtype) -> Any:
+    dtype = _float_dtype(x_dtype)
     params = jax.tree_util.tree_unflatten(
         self._treedef, [jax.ShapeDtypeStruct(s, dtype) for s in self._shapes])
-    x = jax.ShapeDtypeStruct((n, *self._feature_shape), dtype)
+    x = jax.ShapeDtypeStruct((n, *self._feature_shape), x_dtype)
     with intercept_registered_modules():
       return jax.make_jaxpr(self._traceable.apply)(params, x)
 
   def _kernel(self, x1, x2, *, full: bool) -> Kernel:
-    dtype = x1.dtype
+    dtype = _float_dtype(x1.dtype)
     n1, n2 = x1.shape[0], x2.shape[0]
-    j1, j2 = self._trace(n1, dtype), self._trace(n2, dtype)
-    jp = self._trace(n1 + n2 + 1, dtype)
+    j1, j2 = self._trace(n1, x1.dtype), self._trace(n2, x1.dtype)
+    jp = self._trace(n1 + n2 + 1, x1.dtype)
     invals = [ParamRef(i, path, prior, shape, tuple(range(len(shape))))
               for i, (path, prior, shape) in enumerate(zip(self._paths, self._priors, self._shapes))]
     invals.append(Concrete(x1, x2, 0))
@@ -129,6 +129,14 @@ class KernelFn:
     return Kernel(nngp=nngp, ntk=ntk, cov1=var1, cov2=var2, shape1=tuple(x1.shape),
                   shape2=tuple(x2.shape), estimates=tuple(interp.estimates),
                   error=jnp.asarray(interp.error, dtype))
+
+
+def _input_dtype(dtype):
+  """Inputs are traced with their own dtype if integer (token ids for an embedding
+  lookup, which Flax's nn.Embed insists on), else as floats."""
+  if jnp.issubdtype(dtype, jnp.integer):
+    return jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
+  return _float_dtype(dtype)
 
 
 def _float_dtype(dtype):

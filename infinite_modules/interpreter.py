@@ -155,6 +155,14 @@ def run_jaxpr(interp: Interpreter, j1, j2, jp, consts1, consts2, invals, prefix:
 
 
 def apply_rule(interp: Interpreter, eqn: Eqn, invals):
+  deferred = [v for v in invals if hasattr(v, "consumed_by")]
+  if deferred:
+    # A value whose limit depends on how it is used next (attention logits: the scale
+    # applied after the product decides between deterministic and Gaussian logits).
+    outs = deferred[0].consumed_by(interp, eqn, invals)
+    if outs is not None:
+      return outs
+    invals = [v.resolve(eqn) if hasattr(v, "consumed_by") else v for v in invals]
   if all(isinstance(v, Concrete) for v in invals) and eqn.name not in _ALWAYS_RULE:
     return evaluate_concrete(eqn, invals)
   rule = RULES.get(eqn.name)
@@ -220,6 +228,15 @@ def _const_axes(eqn: Eqn, invals, k) -> frozenset:
       if _unit(v, j, in_shape) or j in v.const_axes:
         const.add(i)
     return frozenset(const)
+  if name in ("reduce_max", "reduce_min", "reduce_sum", "argmax", "argmin"):
+    # A reduction keeps the constant axes it does not reduce (softmax over keys of
+    # attention logits that are the same in every head).
+    (v,) = invals[:1]
+    reduced = set(eqn.params["axes"])
+    kept = [i for i in range(np.ndim(v.v1)) if i not in reduced]
+    return frozenset(j for j, i in enumerate(kept) if i in v.const_axes)
+  if name == "stop_gradient":
+    return invals[0].const_axes
   from infinite_modules.elementwise import ELEMENTWISE
   if name in ELEMENTWISE:
     const = set(range(len(shape)))

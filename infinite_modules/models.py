@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from infinite_modules.errors import InfiniteWidthError, PriorError
-from infinite_modules.priors import Prior, prior_from_initializer
+from infinite_modules.priors import InitializerCall, Prior, prior_from_initializer
 
 PyTree = Any
 
@@ -96,6 +96,9 @@ def _record_linen_initializers(record: dict[str, Any]):
   def param(self, name, init_fn, *args, **kwargs):
     path = "/".join((*self.scope.path, name))
     record[path] = init_fn
+    # The shape the initializer is called with (per layer inside nn.scan) fixes its fans.
+    if args and isinstance(args[0], (tuple, list)) and all(isinstance(s, int) for s in args[0]):
+      record[path] = InitializerCall(init_fn, tuple(args[0]))
     return original(self, name, init_fn, *args, **kwargs)
 
   nn.Module.param = param

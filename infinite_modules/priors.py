@@ -169,18 +169,98 @@ def _from_haiku_initializer(init: Any, shape: Sequence[int]) -> Prior | None:
   return None
 
 
+def _flax_dense_general_kernel(init: Callable, shape: tuple) -> tuple[Callable, tuple]:
+  """`DenseGeneral`'s `kernel_init_wrap`: the inner initializer draws a 2-D matrix.
+
+  Flax calls `self.kernel_init(rng, (prod(batch) * prod(contracted), prod(features)))`
+  and reshapes it to `shape = (*batch, *contracted, *features)`: the fans are those of the
+  flattened matrix (for `features=(heads, head_dim)`, fan_out = heads * head_dim).
+  """
+  cells = _closure(init)
+  n_batch, n_axis, n_features = cells["n_batch_dims"], cells["n_axis"], cells["n_features"]
+  flat = (int(np.prod(shape[:n_batch]) * np.prod(shape[n_batch:n_batch + n_axis])),
+          int(np.prod(shape[len(shape) - n_features:])))
+  return cells["self"].kernel_init, flat
+
+
+def _flax_dense_general_bias(init: Callable, shape: tuple) -> tuple[Callable, tuple]:
+  """`DenseGeneral`'s `bias_init_wrap`: the inner initializer draws a 1-D vector of
+  prod(batch) * prod(features) entries, reshaped to `shape`."""
+  cells = _closure(init)
+  n_batch, n_features = cells["n_batch_dims"], cells["n_features"]
+  flat = (int(np.prod(shape[:n_batch]) * np.prod(shape[len(shape) - n_features:])),)
+  return cells["self"].bias_init, flat
+
+
+# Initializers that call a known initializer on a shape of their own, keyed by the
+# qualified name of their code; each maps (wrapper, shape) to (inner initializer, the
+# shape it is called with), read from the wrapper's closure exactly as the wrapper uses it.
+_FLAX_WRAPPERS: dict[str, Callable[[Callable, tuple], tuple[Callable, tuple]]] = {
+    "DenseGeneral.__call__.<locals>.kernel_init_wrap": _flax_dense_general_kernel,
+    "DenseGeneral.__call__.<locals>.bias_init_wrap": _flax_dense_general_bias,
+}
+# Modules whose `functools.wraps` wrappers only box the inner initializer's value
+# (`nn.with_partitioning`, `nn.with_logical_partitioning`): same draw, same shape.
+_BOXING_WRAPPER_MODULES = ("flax.core.meta", "flax.linen.spmd")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitializerCall:
+  """An initializer and the shape it was called with when the parameter was created.
+
+  Lifted transforms stack parameters: `nn.scan(..., variable_axes={"params": 0})`
+  calls each layer's initializer with the layer's own shape and stacks the draws into
+  a leaf of shape (layers, *shape). The fans are those of the call, not of the leaf.
+  """
+  init: Any
+  shape: tuple[int, ...]
+
+
+def unwrap_initializer(init: Any, shape: Sequence[int]) -> tuple[Any, tuple]:
+  """Follows known wrappers down to the initializer that draws the values.
+
+  Returns the innermost initializer and the shape it draws (the fans of a
+  variance_scaling initializer are those of that shape, not of the parameter's).
+  """
+  shape = tuple(int(s) for s in shape)
+  for _ in range(16):  # wrappers of wrappers; bounded against cycles
+    code = getattr(init, "__code__", None)
+    if code is None:
+      break
+    from_flax_linear = getattr(init, "__module__", None) == "flax.linen.linear"
+    wrapper = _FLAX_WRAPPERS.get(code.co_qualname) if from_flax_linear else None
+    if wrapper is not None:
+      init, shape = wrapper(init, shape)
+      continue
+    inner = getattr(init, "__wrapped__", None)
+    file_module = code.co_filename.replace("/", ".").removesuffix(".py")
+    if inner is not None and file_module.endswith(_BOXING_WRAPPER_MODULES):
+      init = inner
+      continue
+    break
+  return init, shape
+
+
 def prior_from_initializer(init: Any, shape: Sequence[int], name: str = "?") -> Prior:
   """Returns the exact `Prior` of the distribution `init` draws for `shape`.
 
   Args:
-    init: a `jax.nn.initializers` / `flax.linen.initializers` function, a Haiku
-      initializer, `None` (Haiku's default for a bias: zeros) or a `Prior`.
+    init: a `jax.nn.initializers` / `flax.linen.initializers` function (also
+      wrapped by Flax: `DenseGeneral`'s reshaping wrappers, `nn.with_partitioning`),
+      a Haiku initializer, `None` (Haiku's default for a bias: zeros) or a `Prior`.
     shape: the shape of the parameter (fans are computed from it).
     name: the parameter's path, for the error message.
 
   Raises:
     PriorError: for an initializer whose distribution is not known exactly.
   """
+  if isinstance(init, InitializerCall):
+    # The leaf is (*stacked axes, *call shape): every layer draws with the call's fans.
+    called = tuple(init.shape)
+    leaf = tuple(shape)
+    if len(called) <= len(leaf) and leaf[len(leaf) - len(called):] == called:
+      shape = called
+    init = init.init
   if isinstance(init, Prior):
     return init
   if init is None:
@@ -190,6 +270,9 @@ def prior_from_initializer(init: Any, shape: Sequence[int], name: str = "?") -> 
     return Prior(0.0, 0.0)
   if init is jnp.ones:
     return Prior(0.0, 1.0)
+  init, shape = unwrap_initializer(init, shape)
+  if init is None:
+    return Prior(0.0, 0.0)
   for reader in (_from_jax_initializer, _from_haiku_initializer):
     prior = reader(init, shape)
     if prior is not None:

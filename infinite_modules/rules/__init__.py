@@ -1,3 +1,3 @@
 """Kernel transfer rules, grouped by family. Importing registers them."""
 
-from infinite_modules.rules import elementwise, linear, structural  # noqa: F401
+from infinite_modules.rules import control, elementwise, embedding, linear, structural  # noqa: F401

@@ -21,7 +21,16 @@ from infinite_modules import moments as mo
 from infinite_modules.errors import NOT_GAUSSIAN_HINT, NOT_GAUSSIAN_WHY
 from infinite_modules.interpreter import RULES, Interpreter
 from infinite_modules.rules.axes import to_location
-from infinite_modules.values import Concrete, Field, ParamRef, Root, is_group, new_origin
+from infinite_modules.values import (
+    Concrete,
+    Field,
+    ParamRef,
+    Root,
+    atom_size,
+    group_atom,
+    is_group,
+    new_origin,
+)
 
 
 def materialize(interp: Interpreter, eqn, field: Field) -> Root:
@@ -45,7 +54,13 @@ def materialize(interp: Interpreter, eqn, field: Field) -> Root:
 
 
 def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]):
-  """Checks a weight view; returns (out axis in view, its size, prior variance * s^2, g * s^2)."""
+  """Checks a weight view; returns (its output axes in the view, prior variance * s^2, g * s^2).
+
+  The output axes are the free axes the leaf varies along. Several of them
+  (`DenseGeneral(features=(heads, head_dim))`) hold i.i.d. outputs like one
+  axis of their product: the last is the channel axis taken to infinity, the
+  others finite channel groups (`group_atom`), each group an i.i.d. copy.
+  """
   if isinstance(ref.factor, Concrete):
     raise eqn.error(f"the weight `{ref.path}` is scaled by an input-dependent value.")
   if ref.prior.mean != 0:
@@ -55,15 +70,21 @@ def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]
         "Use a zero-mean initializer.")
   free = [i for i in range(len(ref.shape)) if i not in contracted]
   wide = [i for i in free if ref.leaf_axes[i] is not None]
-  if len(wide) != 1 or any(ref.shape[i] != 1 for i in free if i not in wide):
+  if len(wide) > 1 and eqn.name != "dot_general":
     raise eqn.error(
         f"the weight `{ref.path}` must have exactly one output (channel) axis, got free axes of "
         f"sizes {[ref.shape[i] for i in free]}.")
+  if not wide or any(ref.shape[i] != 1 for i in free if i not in wide):
+    raise eqn.error(
+        f"the weight `{ref.path}` must have an output (channel) axis and be broadcast along no "
+        f"other free axis; got free axes of sizes {[ref.shape[i] for i in free]}.")
+  # Size-1 output axes before the channel axis are unit axes, not groups.
+  wide = [i for i in wide[:-1] if ref.shape[i] != 1] + wide[-1:]
   if any(ref.leaf_axes[i] is None and ref.shape[i] != 1 for i in contracted):
     raise eqn.error(f"the weight `{ref.path}` is broadcast along a contracted axis.")
   interp.claim(ref, eqn)
   s2 = float(ref.factor) ** 2
-  return wide[0], ref.shape[wide[0]], ref.prior.variance * s2, interp.grad_coefficient(ref.prior) * s2
+  return tuple(wide), ref.prior.variance * s2, interp.grad_coefficient(ref.prior) * s2
 
 
 def _new_root(nngp, ntk, var1, var2, spatial, channels) -> Root:
@@ -108,8 +129,14 @@ def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype)
 def dot_general_rule(interp: Interpreter, eqn, invals):
   lhs, rhs = invals
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  if not any(isinstance(v, ParamRef) for v in invals) and any(isinstance(v, Field)
+                                                              for v in invals):
+    # Queries x keys, attention weights x values.
+    from infinite_modules.rules.attention import product_rule
+    return product_rule(interp, eqn, invals)
   if lb or rb:
-    raise eqn.error("batched matrix products of fields/parameters are not supported.")
+    raise eqn.error("batched matrix products with parameters (per-position weights, e.g. "
+                    "nn.ConvLocal) or inputs are not supported.")
   if isinstance(rhs, ParamRef) and isinstance(lhs, (Field, Concrete)):
     x, xc, w, wc, x_first = lhs, tuple(lc), rhs, tuple(rc), True
   elif isinstance(lhs, ParamRef) and isinstance(rhs, (Field, Concrete)):
@@ -117,9 +144,12 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
   else:
     raise eqn.error(
         "only products of a field or input with a weight parameter have an exact kernel "
-        "(field x field, e.g. attention scores, or field x constant matrix is not supported).")
-  out_axis, width_out, factor, grad = _weight(interp, eqn, w, wc)
-  w_axes = [("c",) if i == out_axis else ("u",) for i in range(len(w.shape)) if i not in wc]
+        "(besides attention: field x field and input-dependent weights x field).")
+  out_axes, factor, grad = _weight(interp, eqn, w, wc)
+  width_out = w.shape[out_axes[-1]]
+  # Several output axes: the last is the channel axis, the others finite channel groups.
+  w_axes = [("c",) if i == out_axes[-1] else (group_atom(w.shape[i]),) if i in out_axes
+            else ("u",) for i in range(len(w.shape)) if i not in wc]
 
   if isinstance(x, Concrete):
     if x.batch_axis is None or x.batch_axis in xc:
@@ -136,11 +166,16 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
         x_axes.append((j,))
         j += 1
   else:
-    _no_group_atoms(eqn, x)
     contracted_atoms = [a for i in xc for a in x.axes[i]]
+    free_atoms = [a for i in range(len(x.axes)) if i not in xc for a in x.axes[i]]
+    if any(is_group(a) for a in free_atoms):
+      _no_group_atoms(eqn, x)
     if "c" not in contracted_atoms or "b" in contracted_atoms:
       raise eqn.error("a weight must contract the field's channel axis (and not its batch "
                       "axis).")
+    # Contracting channel groups with the channel axis (DenseGeneral(axis=(-2, -1)) on
+    # (heads, head_dim)) sums groups * channels i.i.d. channels.
+    groups = int(np.prod([a[1] for a in contracted_atoms if is_group(a)]))
     root_in = materialize(interp, eqn, x)
     d = len(root_in.spatial)
     dims = tuple(sorted(a for a in contracted_atoms if isinstance(a, int)))
@@ -152,7 +187,7 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
         var1=mo.diagonal_sum(root_in.var1, 1, d, interp.full, dims),
         var2=mo.diagonal_sum(root_in.var2, 1, d, interp.full, dims))
     spatial = [root_in.spatial[k] for k in keep]
-    root = _scaled_layer(reduced, factor, grad, root_in.channels, spatial, width_out)
+    root = _scaled_layer(reduced, factor, grad, root_in.channels * groups, spatial, width_out)
     renumber = {k: j for j, k in enumerate(keep)}
     x_axes = [tuple(renumber.get(a, a) for a in x.axes[i]) for i in range(len(x.axes))
               if i not in xc]
@@ -225,7 +260,8 @@ def conv_rule(interp: Interpreter, eqn, invals):
   groups = p["feature_group_count"]
   per_group = _check_groups(eqn, lhs, rhs, rhs_spec, groups) if groups != 1 else None
   contracted = tuple(rhs_spec[1:])
-  out_axis, width_out, factor, grad = _weight(interp, eqn, rhs, contracted)
+  (out_axis,), factor, grad = _weight(interp, eqn, rhs, contracted)
+  width_out = rhs.shape[out_axis]
   if out_axis != rhs_spec[0]:
     raise eqn.error("unexpected convolution kernel layout.")
   windows = [rhs.shape[rhs_spec[2 + i]] for i in range(nd)]
@@ -273,16 +309,26 @@ def conv_rule(interp: Interpreter, eqn, invals):
 
 
 def _per_channel(eqn, field: Field, ref: ParamRef, what: str):
-  """Checks that ref varies only along the field's channel axis."""
+  """Checks that ref varies only along the field's channel axis and channel groups.
+
+  A parameter with one i.i.d. entry per (group, channel) (the bias of
+  `DenseGeneral(features=(heads, head_dim))`) acts like a per-channel one.
+  """
   rank = len(field.axes)
   if len(ref.shape) > rank:
     raise eqn.error(f"the {what} `{ref.path}` has more axes than the field.")
   offset = rank - len(ref.shape)
   # Axes without a leaf axis are broadcast (the same value at every example or
-  # position); the leaf's own axes must lie along the channel axis.
+  # position); the leaf's own axes must lie along the channel axis (and groups).
   mapped = [i for i, la in enumerate(ref.leaf_axes) if la is not None and ref.shape[i] != 1]
   size = int(np.prod([ref.shape[i] for i in mapped]))
-  ok = size == field.root.channels and all(field.axes[offset + i] == ("c",) for i in mapped)
+  groups = [a for atoms in field.axes for a in atoms if is_group(a)]
+  width = field.root.channels * int(np.prod([g[1] for g in groups]))
+  covered = [a for i in mapped for a in field.axes[offset + i] if a != "u"]
+  # (A width-1 channel axis has no mapped leaf axis: nothing to cover.)
+  ok = (size == width and all(a == "c" or is_group(a) for a in covered)
+        and len(set(covered)) == len(covered)
+        and set(covered) >= {a for a in ("c", *groups) if atom_size(field.root, a, 1) != 1})
   if not ok:
     raise eqn.error(
         f"the {what} `{ref.path}` must vary exactly along the field's channel axis (one value "
@@ -299,7 +345,17 @@ def _sides(root: Root):
 
 def add_bias(interp: Interpreter, eqn, field: Field, ref: ParamRef, sign: float) -> Field:
   """x + b with b_c i.i.d. (mean mu, variance v) independent of x:
-  E[(x + b)(x' + b)] = M + mu (m + m') + mu^2 + v;  ntk' = ntk + g."""
+  E[(x + b)(x' + b)] = M + mu (m + m') + mu^2 + v;  ntk' = ntk + g.
+
+  A parameter that varies along the positions too (a learned positional
+  embedding) is an independent input-free field (`embedding.positional_field`).
+  """
+  from infinite_modules.rules.embedding import positional_field
+  if not isinstance(ref.factor, Concrete):
+    signed = dataclasses.replace(ref, factor=sign * float(ref.factor))
+    positional = positional_field(interp, eqn, signed, field)
+    if positional is not None:
+      return add_independent(interp, eqn, field, positional, 1.0)
   _per_channel(eqn, field, ref, "bias")
   if isinstance(ref.factor, Concrete):
     raise eqn.error(f"the bias `{ref.path}` is scaled by an input-dependent value.")

@@ -53,8 +53,9 @@ def _regroup_field(interp: Interpreter, eqn, field: Field, new_shape) -> Field:
         raise eqn.error("a reshape merges the batch axis with other axes, mixing examples.")
       atom, atom_len = flat[ptr]
       if (atom == "c" and not group and atom_len > size and atom_len % size == 0
-          and GROUP_NORM_SCOPE in eqn.where):
-        # (..., C) -> (..., G, C // G) in a GroupNorm: G groups of C // G channels.
+          and (GROUP_NORM_SCOPE in eqn.where or _splits_heads(new_shape, i, size, atom_len))):
+        # (..., C) -> (..., G, C // G) in a GroupNorm, or (..., C) -> (..., heads, head_dim)
+        # in attention: G groups of C // G channels.
         channels = _split_channels(eqn, field, size, atom_len)
         group.append(group_atom(size))
         prod = size
@@ -67,7 +68,8 @@ def _regroup_field(interp: Interpreter, eqn, field: Field, new_shape) -> Field:
       raise eqn.error(f"a reshape to {tuple(new_shape)} splits a spatial or channel axis of the "
                       f"field {field.axes} (only merging/splitting along earlier merges, and "
                       "splitting the channel axis into groups inside nn.GroupNorm / "
-                      "hk.GroupNorm, are supported).")
+                      "hk.GroupNorm or into (heads, head_dim) with heads <= head_dim, are "
+                      "supported).")
     axes.append(tuple(group) if group else ("u",))
   leftover = flat[ptr:]
   if any(s != 1 or a == "b" for a, s in leftover):
@@ -86,6 +88,18 @@ def _regroup_field(interp: Interpreter, eqn, field: Field, new_shape) -> Field:
     axes = [tuple(renumber.get(a, a) for a in ax) for ax in axes]
     return Field(root, tuple(axes))
   return Field(root, tuple(axes), field.expr)
+
+
+def _splits_heads(new_shape, i: int, size: int, channels: int) -> bool:
+  """Whether a reshape splits the channel axis C into (heads, head_dim) at axes (i, i + 1).
+
+  Attention (`hk.MultiHeadAttention`, hand-written heads) reshapes (..., C) into
+  (..., heads, C // heads) with the head dimension last. The limit keeps the number of
+  heads fixed and takes head_dim to infinity. A split whose trailing factor is smaller
+  than its leading one (x.reshape(n, C // 2, 2) pairs neighbouring channels) does not
+  fit that limit and is refused rather than guessed.
+  """
+  return i + 1 < len(new_shape) and new_shape[i + 1] == channels // size and size <= channels // size
 
 
 def _split_channels(eqn, field: Field, groups: int, channels: int) -> int:
@@ -338,6 +352,10 @@ def _gather_field(interp, eqn, field: Field, k_axis: int, index) -> Field:
 
 def slice_rule(interp, eqn, invals):
   (x,) = invals
+  if isinstance(x, ParamRef):
+    # A slice of i.i.d. entries (a learned positional embedding pos[:, :length]) has the
+    # same prior entry by entry; used once, it is as exact as the whole parameter.
+    return [dataclasses.replace(x, shape=tuple(eqn.out_shape()))]
   if not isinstance(x, Field):
     raise eqn.error("slicing parameters is not supported.")
   p = eqn.params

@@ -1,0 +1,104 @@
+"""`scan`: loops over layers (`nn.scan`, `jax.lax.scan` over stacked parameters).
+
+A scan of length L is the composition of L copies of its body. Unrolled, iteration i
+sees slice i of each scanned-over input. For stacked parameters (`nn.scan(...,
+variable_axes={"params": 0})`: a leaf (L, *shape) holding L independent draws) the
+slices are independent parameters, one per layer, so each iteration is an ordinary
+layer with fresh weights: the unrolled network's kernel is exact. A parameter passed
+to every iteration unsliced (`variable_broadcast="params"`) is one weight used by all
+layers (weight sharing), which `Interpreter.claim` refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from infinite_modules.interpreter import RULES, Interpreter, run_jaxpr
+from infinite_modules.values import Concrete, Field, ParamRef
+
+
+def _closed(e):
+  j = e.params["jaxpr"]
+  return j.jaxpr, j.consts
+
+
+def _param_slice(ref: ParamRef, i: int) -> ParamRef:
+  """Layer i of a stacked parameter: its own entries, claimed under their own key."""
+  return dataclasses.replace(ref, leaf=(ref.leaf, "layer", ref.leaf_axes[0], i),
+                             shape=ref.shape[1:], leaf_axes=ref.leaf_axes[1:])
+
+
+def _concrete_slice(eqn, v: Concrete, i: int) -> Concrete:
+  if v.batch_axis == 0:
+    raise eqn.error("a scan over the batch axis processes examples one after the other "
+                    "through a carry, which can mix them.", "Scan over layers or positions.")
+  batch_axis = None if v.batch_axis is None else v.batch_axis - 1
+  v1 = jnp.asarray(v.v1)[i]
+  v2 = v1 if v.v2 is v.v1 else jnp.asarray(v.v2)[i]
+  const = frozenset(a - 1 for a in v.const_axes if a > 0)
+  return Concrete(v1, v2, batch_axis, const)
+
+
+def scan_rule(interp: Interpreter, eqn, invals):
+  """Unrolls the scan: carry_{i+1}, y_i = body(consts, carry_i, xs[i])."""
+  p = eqn.params
+  length, n_consts, n_carry = p["length"], p["num_consts"], p["num_carry"]
+  consts, carry, xs = (invals[:n_consts], invals[n_consts:n_consts + n_carry],
+                       invals[n_consts + n_carry:])
+  shared = [c for c in consts if isinstance(c, ParamRef)]
+  if shared and length > 1:
+    raise eqn.error(
+        f"the scan passes the parameter `{shared[0].path}` unsliced to each of its {length} "
+        "iterations: the same weights at every step (a recurrence such as nn.RNN's cell, or "
+        "nn.scan with variable_broadcast='params'). Weights shared across steps make the "
+        "fields of different steps correlated, which is not supported.",
+        "Give each layer its own parameters (nn.scan(..., variable_axes={'params': 0})), or "
+        "use `interop.monte_carlo_kernel_fn`.")
+  for x in xs:
+    if isinstance(x, Field):
+      raise eqn.error(
+          "a scan over the positions of a field (a recurrence over time steps, as in nn.RNN) "
+          "applies the same weights at every step; weights shared across steps need "
+          "correlated fields, which are not supported.",
+          "Unroll the recurrence with separate parameters per step, or use "
+          "`interop.monte_carlo_kernel_fn`.")
+    if isinstance(x, ParamRef):
+      if x.leaf_axes[0] is None:
+        raise eqn.error(f"the parameter `{x.path}` is broadcast along the scanned axis: every "
+                        "iteration would use the same weights (weight sharing).")
+      # The whole leaf belongs to this scan; its layers are claimed one by one below.
+      interp.claim(x, eqn)
+  (j1, c1), (j2, c2), (jp, _) = (_closed(e) for e in (eqn.e1, eqn.e2, eqn.ep))
+  order = range(length - 1, -1, -1) if p["reverse"] else range(length)
+  ys = {}
+  for i in order:
+    x_i = [_param_slice(x, i) if isinstance(x, ParamRef) else _concrete_slice(eqn, x, i)
+           for x in xs]
+    outs = run_jaxpr(interp, j1, j2, jp, c1, c2, [*consts, *carry, *x_i], prefix=eqn.where)
+    carry = outs[:n_carry]
+    ys[i] = outs[n_carry:]
+  stacked = []
+  for k in range(len(eqn.e1.outvars) - n_carry):
+    per_step = [ys[i][k] for i in range(length)]
+    if not all(isinstance(y, Concrete) for y in per_step):
+      raise eqn.error(
+          "a scan stacks fields computed at different iterations into one array (per-layer "
+          "outputs of a field); their cross-covariances are not tracked.",
+          "Return only the carry from the scanned body.")
+    stacked.append(_stack(eqn, per_step))
+  return [*carry, *stacked]
+
+
+def _stack(eqn, values) -> Concrete:
+  axes = {v.batch_axis for v in values}
+  if len(axes) != 1:
+    raise eqn.error("unexpected scan output layout.")
+  (axis,) = axes
+  v1 = jnp.stack([jnp.asarray(v.v1) for v in values])
+  v2 = v1 if all(v.v2 is v.v1 for v in values) else jnp.stack([jnp.asarray(v.v2) for v in values])
+  return Concrete(v1, v2, None if axis is None else axis + 1)
+
+
+RULES["scan"] = scan_rule

@@ -44,6 +44,7 @@ and ours.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -61,6 +62,8 @@ WORKLOADS = {
     "mlp": {"description": "3x512 ReLU MLP, 784 -> 10, 64 examples", "shape": (64, 784)},
     "cnn": {"description": "3x conv3x3-64 ReLU, global avg pool, Dense(10); 16x16x3, "
                             "16 examples", "shape": (16, 16, 16, 3)},
+    "resnet18": {"description": "ResNet-18 (CIFAR stem, BatchNorm in eval mode), 32x32x3 "
+                                "-> 10, 8 examples", "shape": (8, 32, 32, 3)},
 }
 
 
@@ -196,6 +199,9 @@ def plain_model(name):
   def conv(c_in, c_out):
     return {"bias": jnp.zeros((c_out,)), "kernel": jnp.zeros((3, 3, c_in, c_out))}
 
+  if name not in ("mlp", "cnn"):
+    raise ImportError(f"the {name} workload needs Flax")
+
   def init(key, x):
     del key
     if name == "mlp":
@@ -238,7 +244,34 @@ def flax_model(name):
         x = nn.relu(nn.Conv(64, (3, 3), padding="SAME")(x))
       return nn.Dense(10)(x.mean(axis=(1, 2)))
 
-  return MLP() if name == "mlp" else CNN()
+  class BasicBlock(nn.Module):
+    channels: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x):
+      norm = functools.partial(nn.BatchNorm, use_running_average=True)
+      h = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), use_bias=False)(x)
+      h = nn.relu(norm()(h))
+      h = norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(h))
+      if self.stride != 1 or x.shape[-1] != self.channels:
+        x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+        x = norm()(x)
+      return nn.relu(x + h)
+
+  class ResNet18(nn.Module):
+    """He et al. 2016 ResNet-18 with the CIFAR stem (3x3 conv, no max pool)."""
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.BatchNorm(use_running_average=True)(
+          nn.Conv(64, (3, 3), use_bias=False)(x)))
+      for i, channels in enumerate((64, 128, 256, 512)):
+        for j in range(2):
+          x = BasicBlock(channels, 2 if i > 0 and j == 0 else 1)(x)
+      return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+  return {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}[name]()
 
 
 def numpy_inputs(name):
@@ -255,12 +288,16 @@ def numpy_params(tree):
   import jax
   import numpy as np
   rng = np.random.default_rng(1)
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   out = []
-  for leaf in leaves:
+  for path, leaf in leaves:
     shape = np.shape(leaf)
-    if len(shape) == 1:
-      out.append((0.1 * rng.standard_normal(shape)).astype(np.float32))
+    if "batch_stats" in jax.tree_util.keystr(path):  # BatchNorm running statistics
+      stat = np.ones(shape) if "var" in jax.tree_util.keystr(path) else np.zeros(shape)
+      out.append(stat.astype(np.float32))
+    elif len(shape) == 1:
+      base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0  # BatchNorm scale
+      out.append((base + 0.1 * rng.standard_normal(shape)).astype(np.float32))
     else:
       fan_in = int(np.prod(shape[:-1]))
       out.append((rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32))

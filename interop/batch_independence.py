@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 PyTree = Any
@@ -292,10 +293,6 @@ def _squeeze(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
   return [_shift(axis, dims)]
 
 
-def _expand_dims(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
-  raise _Coupled("unexpected expand_dims")  # pragma: no cover - not a primitive
-
-
 def _dot_general(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
   (lc, rc), (lb, rb) = ea.params["dimension_numbers"]
   a, b = ins
@@ -359,6 +356,11 @@ def _dynamic_update_slice(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
 
 def _concatenate(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
   return [_same_axis_all(ins, (ea.params["dimension"],))]
+
+
+def _stack(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
+  axis = _same_axis_all(ins)
+  return [axis if axis < ea.params["axis"] else axis + 1]
 
 
 def _split(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
@@ -425,6 +427,7 @@ _RULES: dict[str, Callable[[_Walker, Any, list[Axis]], list[Axis]]] = {
     "dynamic_update_slice": _dynamic_update_slice,
     "concatenate": _concatenate,
     "split": _split,
+    "stack": _stack,
     "rev": _rev,
     "sort": _sort,
     "top_k": _top_k,
@@ -432,15 +435,57 @@ _RULES: dict[str, Callable[[_Walker, Any, list[Axis]], list[Axis]]] = {
 }
 
 
-def _signature(jaxpr: Any) -> list:
-  """Primitive names in program order, sub-programs inlined (for the size-1 check)."""
-  out = []
-  for eqn in jaxpr.eqns:
-    out.append(eqn.primitive.name)
-    sub = _sub(eqn) if eqn.primitive.name in _CALLS else None
-    if sub is not None:
-      out.append(_signature(sub))
-  return out
+def _same_value(u: Any, v: Any) -> bool:
+  if u is v:
+    return True
+  if isinstance(u, jax.core.Tracer) or isinstance(v, jax.core.Tracer):
+    return False
+  try:
+    return bool(np.shape(u) == np.shape(v) and np.array_equal(np.asarray(u), np.asarray(v)))
+  except Exception:  # noqa: BLE001 - not array-like: fall back to ==
+    try:
+      return bool(u == v)
+    except Exception:  # noqa: BLE001
+      return False
+
+
+def _jaxprs(p: Any) -> list:
+  subs = p if isinstance(p, (tuple, list)) else (p,)
+  return [q for q in subs if isinstance(q, (jcore.Jaxpr, jcore.ClosedJaxpr))]
+
+
+def _same_program(ja: Any, jb: Any, j1: Any) -> None:
+  """Checks that the trace ``j1`` at batch size 1 (what ``jax.vmap`` evaluates) is the
+  trace ``ja`` at batch size ``s`` up to the parameters that also differ between ``ja``
+  and ``jb`` (batch size ``s + 1``: shapes). Literals and constants must be equal in all
+  three, so a model that branches on or scales by the batch size is caught."""
+  if isinstance(ja, jcore.ClosedJaxpr):
+    if not (len(ja.consts) == len(jb.consts) == len(j1.consts)) or not all(
+        _same_value(a, b) and _same_value(a, c)
+        for a, b, c in zip(ja.consts, jb.consts, j1.consts)):
+      raise _Coupled("a constant of the program depends on the batch size")
+    ja, jb, j1 = ja.jaxpr, jb.jaxpr, j1.jaxpr
+  if not (len(ja.eqns) == len(jb.eqns) == len(j1.eqns)):
+    raise _Coupled("the program changes with the batch size")
+  for ea, eb, e1 in zip(ja.eqns, jb.eqns, j1.eqns):
+    if not (ea.primitive is eb.primitive is e1.primitive):
+      raise _Coupled("the program changes with the batch size")
+    for va, vb, v1 in zip(ea.invars, eb.invars, e1.invars):
+      lits = [isinstance(v, jcore.Literal) for v in (va, vb, v1)]
+      if any(lits) and not (all(lits) and _same_value(va.val, vb.val)
+                            and _same_value(va.val, v1.val)):
+        raise _Coupled(f"{_where(ea)}: a literal depends on the batch size")
+    if set(ea.params) != set(e1.params):
+      raise _Coupled("the program changes with the batch size")
+    for key, pa in ea.params.items():
+      pb, p1 = eb.params.get(key), e1.params.get(key)
+      subs = _jaxprs(pa)
+      if subs:
+        for qa, qb, q1 in zip(subs, _jaxprs(pb), _jaxprs(p1)):
+          _same_program(qa, qb, q1)
+      elif _same_value(pa, pb) and not _same_value(pa, p1):
+        raise _Coupled(f"{_where(ea)}: the program at batch size 1 differs from the "
+                       "batched one")
 
 
 def _with_batch(x: PyTree, n: int) -> PyTree:
@@ -486,8 +531,7 @@ def detect_batch_independence(f: Callable[..., PyTree], params: PyTree, x: PyTre
   walker = _Walker(s, s + 1)
   try:
     outs = walker.run(ja.jaxpr, jb.jaxpr, in_axes)
-    if _signature(j1.jaxpr) != _signature(ja.jaxpr):
-      raise _Coupled("the program at batch size 1 differs from the batched one")
+    _same_program(ja, jb, j1)
   except _Coupled as err:
     return BatchIndependence(False, None, None, str(err))
   primal_tree = jax.tree_util.tree_structure(out_shape[0])

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop import structured as sd
-from interop.batch_independence import BatchIndependence, detect_batch_independence
 from interop._layout import (
   Axes,
   KernelLayout,
@@ -55,6 +54,7 @@ from interop._layout import (
 )
 from interop._layout import jit as layout_jit
 from interop.adapters import ModelAdapter, adapt
+from interop.batch_independence import BatchIndependence, detect_batch_independence
 
 PyTree = Any
 KernelFn = Callable[..., PyTree]

@@ -84,7 +84,7 @@ _ELEMENTWISE = frozenset({
     "nextafter", "not", "or", "population_count", "pow", "real", "reduce_precision", "rem",
     "round", "rsqrt", "select_n", "shift_left", "shift_right_arithmetic", "shift_right_logical",
     "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor", "stop_gradient",
-    "optimization_barrier", "sharding_constraint",
+    "sharding_constraint",
 })
 
 # Calls whose sub-jaxpr is the primal computation (analysed inline).
@@ -365,6 +365,10 @@ def _stack(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
   return [axis if axis < ea.params["axis"] else axis + 1]
 
 
+def _identity(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
+  return list(ins)  # each output is its operand
+
+
 def _split(w: _Walker, ea: Any, ins: list[Axis]) -> list[Axis]:
   axis = _only(ins)
   if ea.params["axis"] == axis:
@@ -430,6 +434,7 @@ _RULES: dict[str, Callable[[_Walker, Any, list[Axis]], list[Axis]]] = {
     "concatenate": _concatenate,
     "split": _split,
     "stack": _stack,
+    "optimization_barrier": _identity,
     "rev": _rev,
     "sort": _sort,
     "top_k": _top_k,

@@ -48,6 +48,20 @@ def _auto_choice(printed):
   return choice, flops
 
 
+def trainable_only(apply_fn, variables):
+  """NT differentiates every leaf it is given; ours only Flax's ``params``. For a model
+  with other collections (ResNet-18's BatchNorm ``batch_stats``) NT gets
+  ``f(params, x)`` with the rest closed over, so both compute the same kernel."""
+  if not hasattr(variables, "keys") or set(variables.keys()) == {"params"}:
+    return apply_fn, variables
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def f(params, x):
+    return apply_fn({**rest, "params": params}, x)
+
+  return f, variables["params"]
+
+
 def run_nt(workloads, trace_axes, vmap_axes, repeats, save_dir=None):
   import jax
   import neural_tangents as nt
@@ -56,6 +70,7 @@ def run_nt(workloads, trace_axes, vmap_axes, repeats, save_dir=None):
   results = {}
   for name in workloads:
     _, x, variables, apply_fn = bench.workload(name)
+    apply_fn, variables = trainable_only(apply_fn, variables)
     fns, compile_s, kernels = bench.compile_impls(
         lambda impl, apply_fn=apply_fn: nt.empirical_ntk_fn(
             apply_fn, trace_axes=trace_axes, vmap_axes=vmap_axes,

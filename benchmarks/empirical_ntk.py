@@ -5,10 +5,13 @@ itself):
 
 * ``mlp``: 3x512 ReLU MLP (Flax linen), 784 inputs, 10 outputs, 64 examples;
 * ``cnn``: 3 conv layers (3x3, 64 channels, SAME, ReLU), global average pooling,
-  Dense(10); 16x16x3 inputs, 16 examples.
+  Dense(10); 16x16x3 inputs, 16 examples;
+* ``resnet18``: ResNet-18 with the CIFAR stem (Flax linen, BatchNorm in eval mode,
+  11.2M parameters), 32x32x3 inputs, 10 outputs, 8 examples (``--workloads resnet18``;
+  not in the default list, Jacobian contraction needs ~4 GB and minutes there).
 
 By default the **full** NTK is computed, ``trace_axes=()``: shape ``(N, N, O, O)``
-(here ``(64, 64, 10, 10)`` and ``(16, 16, 10, 10)``), which is what the benchmarks of
+(here ``(64, 64, 10, 10)``, ``(16, 16, 10, 10)``, ``(8, 8, 10, 10)``), which is what the benchmarks of
 "Fast Finite Width Neural Tangent Kernel" (Novak et al. 2022) and NT's own
 ``examples/empirical_ntk.py`` compute. ``--trace-axes -1`` gives NT's default
 output-traced ``(N, N)`` kernel instead (Jacobian contraction is ``O`` times cheaper
@@ -27,7 +30,12 @@ times per round), each call timed to ``jax.block_until_ready``; the minimum per
 implementation is reported. ``auto`` is timed as a user calls it (eagerly: its first
 call selects and compiles and is reported as its ``compile_seconds``; later calls
 dispatch to the chosen executable), and ``auto_picks_fastest`` compares its choice with
-the measured fastest of the three explicit implementations.
+the measured fastest of the timed explicit implementations. ``--vmap-axes auto``
+times the default call (ours finds the batch axes from the model; NT, which has no such
+mode, gets ``0``). ``--cpu-time`` runs XLA on one thread and reports process CPU time,
+which other jobs on a shared machine disturb far less than wall time (it compares work,
+not parallel speed-up). Each workload reports the batch-independence finding and the
+process's peak RSS so far (``peak_rss_gb``).
 
 Side by side with Neural Tangents 0.6.5 (old JAX + TF venv, never a dependency of this
 project): build it with ``../shared/tools/nt_baseline_venv.sh /tmp/ntvenv`` and pass
@@ -36,14 +44,17 @@ project): build it with ``../shared/tools/nt_baseline_venv.sh /tmp/ntvenv`` and 
 NT's timings, the NT/ours time ratios and the largest difference between NT's kernels
 and ours.
 
-  python benchmarks/empirical_ntk.py [--trace-axes ''|-1] [--vmap-axes 0|none]
-                                     [--repeats 3] [--workloads mlp,cnn]
-                                     [--compare-nt PYTHON]
+  python benchmarks/empirical_ntk.py [--trace-axes ''|-1] [--vmap-axes 0|none|auto]
+                                     [--repeats 3] [--workloads mlp,cnn,resnet18]
+                                     [--implementations jacobian_contraction,...,auto]
+                                     [--cpu-time] [--compare-nt PYTHON]
+                                     [--nt-implementations ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -61,6 +72,8 @@ WORKLOADS = {
     "mlp": {"description": "3x512 ReLU MLP, 784 -> 10, 64 examples", "shape": (64, 784)},
     "cnn": {"description": "3x conv3x3-64 ReLU, global avg pool, Dense(10); 16x16x3, "
                             "16 examples", "shape": (16, 16, 16, 3)},
+    "resnet18": {"description": "ResNet-18 (CIFAR stem, BatchNorm in eval mode), 32x32x3 "
+                                "-> 10, 8 examples", "shape": (8, 32, 32, 3)},
 }
 
 
@@ -73,22 +86,58 @@ def parse_axes(text):
 
 
 def parse_vmap_axes(text):
-  return None if text.lower() == "none" else int(text)
+  """``'none'`` -> ``None``; ``'auto'`` -> ``'auto'`` (ours: found from the model; NT,
+  which has no such mode, gets ``0``); ``'0'`` -> ``0``."""
+  text = text.lower()
+  return None if text == "none" else "auto" if text == "auto" else int(text)
+
+
+#: Implementations timed (``--implementations``; all by default).
+TIMED = IMPLS
+#: ``time.perf_counter`` (wall) or ``time.process_time`` (``--cpu-time``).
+CLOCK = time.perf_counter
 
 
 def add_common_args(parser):
   """The options this script and ``nt_empirical_ntk.py`` share."""
   parser.add_argument("--trace-axes", default="",
                       help="'' (default: full NTK, trace_axes=()) or e.g. '-1'")
-  parser.add_argument("--vmap-axes", default="0", help="'0' (default) or 'none'")
+  parser.add_argument("--vmap-axes", default="0",
+                      help="'0' (default), 'none' or 'auto' (ours finds them; NT gets 0)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--workloads", default="mlp,cnn")
+  parser.add_argument("--implementations", default=",".join(IMPLS + ("auto",)),
+                      help="comma-separated subset of " + ",".join(IMPLS + ("auto",)))
+  parser.add_argument("--cpu-time", action="store_true",
+                      help="one XLA thread, time = process CPU time (robust to other load "
+                           "on a shared machine; compares work, not parallel speed)")
 
 
 def parse_common_args(args):
-  """``(trace_axes, vmap_axes, workloads)`` from the options of ``add_common_args``."""
+  """``(trace_axes, vmap_axes, workloads)`` from the options of ``add_common_args``;
+  sets :data:`TIMED` and :data:`CLOCK` (and, for ``--cpu-time``, ``XLA_FLAGS``, so call
+  it before JAX is imported)."""
+  global TIMED, CLOCK
+  chosen = [i for i in args.implementations.split(",") if i]
+  unknown = set(chosen) - set(IMPLS) - {"auto"}
+  if unknown:
+    raise SystemExit(f"unknown implementations {sorted(unknown)}")
+  TIMED = tuple(chosen)
+  if args.cpu_time:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false"
+                               " intra_op_parallelism_threads=1").strip()
+    CLOCK = time.process_time
   return (parse_axes(args.trace_axes), parse_vmap_axes(args.vmap_axes),
           [w for w in args.workloads.split(",") if w])
+
+
+def forwarded_args(args):
+  """The common options as command-line arguments (for the NT subprocess)."""
+  out = ["--trace-axes", args.trace_axes or "none", "--vmap-axes", args.vmap_axes,
+         "--repeats", str(args.repeats), "--workloads", args.workloads,
+         "--implementations", args.nt_implementations or args.implementations]
+  return out + (["--cpu-time"] if args.cpu_time else [])
 
 
 def output_header(library, trace_axes, vmap_axes, repeats):
@@ -100,6 +149,9 @@ def output_header(library, trace_axes, vmap_axes, repeats):
       "trace_axes": list(trace_axes),
       "vmap_axes": vmap_axes,
       "repeats": repeats,
+      "implementations": list(TIMED),
+      "clock": "process CPU time, 1 XLA thread" if CLOCK is time.process_time else "wall",
+      "load_average": os.getloadavg(),
   }
 
 
@@ -116,11 +168,11 @@ def machine_info():
 
 
 def time_fn(fn, args):
-  """Wall time of one call of ``fn(*args)``, to ``block_until_ready``."""
+  """Time (:data:`CLOCK`) of one call of ``fn(*args)``, to ``block_until_ready``."""
   import jax
-  t0 = time.perf_counter()
+  t0 = CLOCK()
   jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
+  return CLOCK() - t0
 
 
 def time_round_robin(fns, args, repeats, calls_per_round_s=1.0):
@@ -145,14 +197,14 @@ def time_round_robin(fns, args, repeats, calls_per_round_s=1.0):
 
 
 def compile_impls(make_fn, x, variables):
-  """Compiles ``jax.jit(make_fn(impl))`` for every implementation of ``IMPLS`` on
+  """Compiles ``jax.jit(make_fn(impl))`` for every timed implementation of ``IMPLS`` on
   ``(x, None, variables)`` and runs it once. Returns ``(fns, compile_seconds, kernels)``,
   dicts by implementation: the compiled executables, their compile times and their
   kernels as NumPy arrays."""
   import jax
   import numpy as np
   fns, compile_s, kernels = {}, {}, {}
-  for impl in IMPLS:
+  for impl in (i for i in IMPLS if i in TIMED):
     fn = jax.jit(make_fn(impl))
     t0 = time.perf_counter()
     fns[impl] = fn.lower(x, None, variables).compile()
@@ -163,23 +215,28 @@ def compile_impls(make_fn, x, variables):
 
 def result_entry(name, x, variables, kernels, seconds, compile_s, choice):
   """The per-workload results both scripts report (times, ``auto``'s choice, kernel
-  differences against Jacobian contraction)."""
+  differences against Jacobian contraction, or the first timed implementation)."""
   import numpy as np
-  ref = kernels["jacobian_contraction"]
-  fastest = min(IMPLS, key=lambda k: seconds[k])
-  return {
+  ref_name = "jacobian_contraction" if "jacobian_contraction" in kernels else next(
+      iter(kernels))
+  ref = kernels[ref_name]
+  timed = [i for i in IMPLS if i in seconds]
+  fastest = min(timed, key=lambda k: seconds[k])
+  out = {
       "description": WORKLOADS[name]["description"],
       "sizes": sizes(name, x, variables, ref.shape),
       "seconds": seconds,
       "compile_seconds": compile_s,
       "auto_choice": choice,
       "fastest": fastest,
-      "auto_picks_fastest": choice == fastest,
-      "speedup_structured_vs_jacobian_contraction":
-          seconds["jacobian_contraction"] / seconds["structured_derivatives"],
-      "max_rel_diff_vs_jacobian_contraction": {
+      "auto_picks_fastest": choice == fastest if choice else None,
+      f"max_rel_diff_vs_{ref_name}": {
           k: float(np.abs(v - ref).max() / np.abs(ref).max()) for k, v in kernels.items()},
   }
+  if "jacobian_contraction" in seconds and "structured_derivatives" in seconds:
+    out["speedup_structured_vs_jacobian_contraction"] = (
+        seconds["jacobian_contraction"] / seconds["structured_derivatives"])
+  return out
 
 
 # ----------------------------------------------------------------------------- models
@@ -195,6 +252,9 @@ def plain_model(name):
 
   def conv(c_in, c_out):
     return {"bias": jnp.zeros((c_out,)), "kernel": jnp.zeros((3, 3, c_in, c_out))}
+
+  if name not in ("mlp", "cnn"):
+    raise ImportError(f"the {name} workload needs Flax")
 
   def init(key, x):
     del key
@@ -238,7 +298,34 @@ def flax_model(name):
         x = nn.relu(nn.Conv(64, (3, 3), padding="SAME")(x))
       return nn.Dense(10)(x.mean(axis=(1, 2)))
 
-  return MLP() if name == "mlp" else CNN()
+  class BasicBlock(nn.Module):
+    channels: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x):
+      norm = functools.partial(nn.BatchNorm, use_running_average=True)
+      h = nn.Conv(self.channels, (3, 3), (self.stride, self.stride), use_bias=False)(x)
+      h = nn.relu(norm()(h))
+      h = norm()(nn.Conv(self.channels, (3, 3), use_bias=False)(h))
+      if self.stride != 1 or x.shape[-1] != self.channels:
+        x = nn.Conv(self.channels, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+        x = norm()(x)
+      return nn.relu(x + h)
+
+  class ResNet18(nn.Module):
+    """He et al. 2016 ResNet-18 with the CIFAR stem (3x3 conv, no max pool)."""
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.BatchNorm(use_running_average=True)(
+          nn.Conv(64, (3, 3), use_bias=False)(x)))
+      for i, channels in enumerate((64, 128, 256, 512)):
+        for j in range(2):
+          x = BasicBlock(channels, 2 if i > 0 and j == 0 else 1)(x)
+      return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+  return {"mlp": MLP, "cnn": CNN, "resnet18": ResNet18}[name]()
 
 
 def numpy_inputs(name):
@@ -255,12 +342,16 @@ def numpy_params(tree):
   import jax
   import numpy as np
   rng = np.random.default_rng(1)
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   out = []
-  for leaf in leaves:
+  for path, leaf in leaves:
     shape = np.shape(leaf)
-    if len(shape) == 1:
-      out.append((0.1 * rng.standard_normal(shape)).astype(np.float32))
+    if "batch_stats" in jax.tree_util.keystr(path):  # BatchNorm running statistics
+      stat = np.ones(shape) if "var" in jax.tree_util.keystr(path) else np.zeros(shape)
+      out.append(stat.astype(np.float32))
+    elif len(shape) == 1:
+      base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0  # BatchNorm scale
+      out.append((base + 0.1 * rng.standard_normal(shape)).astype(np.float32))
     else:
       fan_in = int(np.prod(shape[:-1]))
       out.append((rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32))
@@ -308,20 +399,34 @@ def run_ours(workloads, trace_axes, vmap_axes, repeats):
         lambda impl, model=model: interop.empirical_ntk_fn(
             model, trace_axes=trace_axes, vmap_axes=vmap_axes, implementation=impl),
         x, variables)
-    auto = interop.empirical_ntk_fn(model, trace_axes=trace_axes, vmap_axes=vmap_axes)
-    fns["auto"] = auto
+    auto = None
+    if "auto" in TIMED:
+      auto = interop.empirical_ntk_fn(model, trace_axes=trace_axes, vmap_axes=vmap_axes)
+      fns["auto"] = auto
     first, seconds = time_round_robin(fns, (x, None, variables), repeats)
-    compile_s["auto"] = first["auto"]
-    choice = auto.choose(x, None, variables, {}).name.lower()
-    kernels_out[name] = kernels["structured_derivatives"]
+    choice = None
+    if auto is not None:
+      compile_s["auto"] = first["auto"]
+      choice = auto.choose(x, None, variables, {}).name.lower()
+    kernels_out[name] = kernels.get("structured_derivatives")
     results[name] = {
         **result_entry(name, x, variables, kernels, seconds, compile_s, choice),
-        "auto_estimates": [
-            {"implementation": e.implementation.name.lower(), "flops": e.flops,
-             "bytes": e.bytes, "temp_bytes": e.temp_bytes, "est_seconds": e.seconds,
-             "measured_seconds": e.measured} for e in auto.last_estimates],
+        "batch": interop.structure_report(model, x, variables,
+                                          vmap_axes=vmap_axes)["batch"][0],
+        "peak_rss_gb": peak_rss_gb(),
     }
+    if auto is not None:
+      results[name]["auto_estimates"] = [
+          {"implementation": e.implementation.name.lower(), "flops": e.flops,
+           "bytes": e.bytes, "temp_bytes": e.temp_bytes, "est_seconds": e.seconds,
+           "measured_seconds": e.measured} for e in auto.last_estimates]
   return results, kernels_out
+
+
+def peak_rss_gb():
+  """Peak resident memory of this process so far (GB), from ``getrusage``."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 # ----------------------------------------------------------------------------- main
@@ -332,6 +437,9 @@ def main(argv=None):
   add_common_args(parser)
   parser.add_argument("--compare-nt", default=None, metavar="PYTHON",
                       help="python of a venv with neural_tangents 0.6.5")
+  parser.add_argument("--nt-implementations", default=None,
+                      help="NT's subset (default: --implementations); e.g. without 'auto', "
+                           "which runs Jacobian contraction on the MLP")
   args = parser.parse_args(argv)
   trace_axes, vmap_axes, workloads = parse_common_args(args)
 
@@ -341,9 +449,7 @@ def main(argv=None):
     import numpy as np
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nt_empirical_ntk.py")
     with tempfile.TemporaryDirectory() as tmp:
-      cmd = [args.compare_nt, script, "--trace-axes", args.trace_axes or "none",
-             "--vmap-axes", args.vmap_axes, "--repeats", str(args.repeats),
-             "--workloads", ",".join(workloads), "--save-kernels", tmp]
+      cmd = [args.compare_nt, script, *forwarded_args(args), "--save-kernels", tmp]
       if out["backend"] != "cpu":
         print("warning: NT runs on CPU; ratios against a non-CPU backend are not "
               "comparable (set JAX_PLATFORMS=cpu).", file=sys.stderr)
@@ -356,16 +462,22 @@ def main(argv=None):
       nt_out = json.loads(proc.stdout)
       diffs = {}
       for name in workloads:
-        theirs = np.load(os.path.join(tmp, f"{name}.npy"))
+        path = os.path.join(tmp, f"{name}.npy")
         ours = kernels[name]
-        diffs[name] = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+        if ours is not None and os.path.exists(path):
+          theirs = np.load(path)
+          diffs[name] = float(np.abs(theirs - ours).max() / np.abs(ours).max())
     out["neural_tangents"] = nt_out
     ratios = {}
     for name, res in out["results"].items():
-      nt_sec = nt_out["results"][name]["seconds"]
-      ratios[name] = {impl: nt_sec[impl] / res["seconds"][impl] for impl in IMPLS}
-      ratios[name]["auto_vs_nt_auto"] = nt_sec["auto"] / res["seconds"]["auto"]
-      ratios[name]["auto_vs_nt_best"] = min(nt_sec[i] for i in IMPLS) / res["seconds"]["auto"]
+      nt_sec, ours_sec = nt_out["results"][name]["seconds"], res["seconds"]
+      ratios[name] = {impl: nt_sec[impl] / ours_sec[impl] for impl in IMPLS
+                      if impl in nt_sec and impl in ours_sec}
+      if "auto" in ours_sec:
+        if "auto" in nt_sec:
+          ratios[name]["auto_vs_nt_auto"] = nt_sec["auto"] / ours_sec["auto"]
+        ratios[name]["auto_vs_nt_best"] = min(
+            nt_sec[i] for i in IMPLS if i in nt_sec) / ours_sec["auto"]
     out["nt_time_over_ours"] = ratios
     out["max_rel_diff_nt_vs_ours"] = diffs
   json.dump(out, sys.stdout, indent=1)

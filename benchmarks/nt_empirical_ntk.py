@@ -48,6 +48,20 @@ def _auto_choice(printed):
   return choice, flops
 
 
+def trainable_only(apply_fn, variables):
+  """NT differentiates every leaf it is given; ours only Flax's ``params``. For a model
+  with other collections (ResNet-18's BatchNorm ``batch_stats``) NT gets
+  ``f(params, x)`` with the rest closed over, so both compute the same kernel."""
+  if not hasattr(variables, "keys") or set(variables.keys()) == {"params"}:
+    return apply_fn, variables
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def f(params, x):
+    return apply_fn({**rest, "params": params}, x)
+
+  return f, variables["params"]
+
+
 def run_nt(workloads, trace_axes, vmap_axes, repeats, save_dir=None):
   import jax
   import neural_tangents as nt
@@ -56,6 +70,7 @@ def run_nt(workloads, trace_axes, vmap_axes, repeats, save_dir=None):
   results = {}
   for name in workloads:
     _, x, variables, apply_fn = bench.workload(name)
+    apply_fn, variables = trainable_only(apply_fn, variables)
     fns, compile_s, kernels = bench.compile_impls(
         lambda impl, apply_fn=apply_fn: nt.empirical_ntk_fn(
             apply_fn, trace_axes=trace_axes, vmap_axes=vmap_axes,
@@ -64,18 +79,21 @@ def run_nt(workloads, trace_axes, vmap_axes, repeats, save_dir=None):
     # NT's auto compiles every candidate to count FLOPs, then runs the winner; it is
     # jitted here (as the explicit implementations are) and timed like ours: the first
     # call selects and compiles, the later calls run the compiled winner.
-    fns["auto"] = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=trace_axes,
-                                              vmap_axes=vmap_axes, implementation=0))
+    if "auto" in bench.TIMED:
+      fns["auto"] = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=trace_axes,
+                                                vmap_axes=vmap_axes, implementation=0))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
       first, seconds = bench.time_round_robin(fns, (x, None, variables), repeats)
-    compile_s["auto"] = first["auto"]
-    choice, auto_flops = _auto_choice(buf.getvalue())
+    choice, auto_flops = None, {}
+    if "auto" in bench.TIMED:
+      compile_s["auto"] = first["auto"]
+      choice, auto_flops = _auto_choice(buf.getvalue())
     results[name] = {
         **bench.result_entry(name, x, variables, kernels, seconds, compile_s, choice),
         "auto_flops": auto_flops,
     }
-    if save_dir:
+    if save_dir and "structured_derivatives" in kernels:
       np.save(os.path.join(save_dir, f"{name}.npy"), kernels["structured_derivatives"])
   return results
 
@@ -86,6 +104,8 @@ def main(argv=None):
   parser.add_argument("--save-kernels", default=None, metavar="DIR")
   args = parser.parse_args(argv)
   trace_axes, vmap_axes, workloads = bench.parse_common_args(args)
+  if vmap_axes == "auto":  # NT has no automatic mode; its fastest setting is 0
+    vmap_axes = 0
 
   import neural_tangents as nt
   out = bench.output_header(f"neural_tangents {nt.__version__}", trace_axes, vmap_axes,

@@ -54,6 +54,7 @@ from interop._layout import (
 )
 from interop._layout import jit as layout_jit
 from interop.adapters import ModelAdapter, adapt
+from interop.batch_independence import BatchIndependence, detect_batch_independence
 
 PyTree = Any
 KernelFn = Callable[..., PyTree]
@@ -145,11 +146,55 @@ def _check_inputs(x1: PyTree, x2: PyTree | None) -> None:
       raise ValueError(f"x1 and x2 must have the same pytree structure, got {s1} and {s2}.")
 
 
+#: Default ``vmap_axes``: find them from the model's program (:class:`_AutoVmapAxes`).
+AUTO_VMAP_AXES = "auto"
+
+
+class _AutoVmapAxes:
+  """Resolves ``vmap_axes="auto"`` with :func:`detect_batch_independence`, cached per
+  shapes (one instance is shared by the candidates of ``implementation="auto"``, so the
+  detection runs once per input shapes).
+
+  Attributes:
+    last: the :class:`BatchIndependence` found by the latest resolution (both sides).
+  """
+
+  def __init__(self) -> None:
+    self.cache: dict[Any, BatchIndependence] = {}
+    self.last: BatchIndependence | None = None
+
+  def _side(self, f: Callable[..., PyTree], params: PyTree, x: PyTree,
+            kw: dict[str, Any]) -> BatchIndependence:
+    dyn, treedef, static = partition_kwargs(kw)
+    key = (jax.tree_util.tree_structure((params, x)),
+           tuple((jnp.shape(a), str(jnp.result_type(a)))
+                 for a in jax.tree_util.tree_leaves((params, x, dyn))),
+           treedef, hashable(static))
+    if key not in self.cache:
+      self.cache[key] = detect_batch_independence(f, params, x, kw)
+    return self.cache[key]
+
+  def resolve(self, f: Callable[..., PyTree], params: PyTree, x1: PyTree,
+              x2: PyTree | None, kw1: dict[str, Any], kw2: dict[str, Any]) -> VMapAxes:
+    """``(0, fx_axis, {})`` if both sides are proven independent alike, else ``None``."""
+    found = self._side(f, params, x1, kw1)
+    if found.independent and x2 is not None:
+      other = self._side(f, params, x2, kw2)
+      if not other.independent or other.fx_axis != found.fx_axis:
+        found = other if not other.independent else BatchIndependence(
+            False, None, None, "x1 and x2 give different output batch axes")
+    self.last = found
+    return (found.x_axis, found.fx_axis, {}) if found.independent else None
+
+
 def _make_ctx(f: Callable[..., PyTree], x1: PyTree, x2: PyTree | None, params: PyTree,
               kwargs: Mapping[str, Any], trace_axes: Axes, diagonal_axes: Axes,
-              vmap_axes: VMapAxes, leaf_weights: Sequence[Any] | None = None) -> _Ctx:
+              vmap_axes: VMapAxes, leaf_weights: Sequence[Any] | None = None,
+              auto_axes: _AutoVmapAxes | None = None) -> _Ctx:
   _check_inputs(x1, x2)
   kw1, kw2 = split_kwargs(kwargs, x1, x2)
+  if isinstance(vmap_axes, str) and vmap_axes == AUTO_VMAP_AXES:
+    vmap_axes = (auto_axes or _AutoVmapAxes()).resolve(f, params, x1, x2, kw1, kw2)
   out1 = jax.eval_shape(lambda p, x: f(p, x, **kw1), params, x1)
   out2 = out1 if x2 is None else jax.eval_shape(lambda p, x: f(p, x, **kw2), params, x2)
   if jax.tree_util.tree_structure(out1) != jax.tree_util.tree_structure(out2):
@@ -380,12 +425,23 @@ def _structured(ctx: _Ctx) -> PyTree:
   return _unflatten_out(ctx, kernels)
 
 
-def structure_report(model_or_f: Any, x: PyTree, variables: Any, vmap_axes: VMapAxes = None,
+def structure_report(model_or_f: Any, x: PyTree, variables: Any,
+                     vmap_axes: VMapAxes = AUTO_VMAP_AXES,
                      **apply_fn_kwargs: Any) -> dict[str, list[str]]:
   """Which parameter leaves the structured-derivatives NTK structures, and which it
-  handles generically (by Jacobian contraction), e.g. to find a slow layer."""
+  handles generically (by Jacobian contraction), e.g. to find a slow layer; and under
+  ``"batch"`` whether examples were evaluated one at a time (with ``vmap_axes="auto"``:
+  what the batch-independence analysis found, or which primitive stopped it)."""
   f, params = adapt(model_or_f).bind(variables)
-  ctx = _make_ctx(f, x, None, params, apply_fn_kwargs, (), (), vmap_axes)
+  auto_axes = _AutoVmapAxes()
+  ctx = _make_ctx(f, x, None, params, apply_fn_kwargs, (), (), vmap_axes,
+                  auto_axes=auto_axes)
+  if auto_axes.last is not None:
+    batch = auto_axes.last.describe()
+  elif ctx.x_axis is None:
+    batch = "vmap_axes=None given: exact non-vmapped path"
+  else:
+    batch = f"vmap_axes given: input axes {jax.tree_util.tree_leaves(ctx.x_axis)}"
   prog = _program(ctx, x, ctx.kw1)
   plan = sd.plan_structure(prog)
   paths = [jax.tree_util.keystr(p) for p, _ in
@@ -395,6 +451,7 @@ def structure_report(model_or_f: Any, x: PyTree, variables: Any, vmap_axes: VMap
                      for u in plan.structured],
       "generic": [paths[i] for i in plan.generic],
       "unused": [paths[i] for i in plan.unused],
+      "batch": [batch],
   }
 
 
@@ -441,31 +498,35 @@ class _KernelCall:
 
 
 def _kernel_call(model_or_f: Any, kernel: Callable[[_Ctx], PyTree], trace_axes: Axes,
-                 diagonal_axes: Axes, vmap_axes: VMapAxes) -> _KernelCall:
+                 diagonal_axes: Axes, vmap_axes: VMapAxes,
+                 auto_axes: _AutoVmapAxes | None = None) -> _KernelCall:
   """A :class:`_KernelCall` computing ``kernel(ctx)`` of the adapted model."""
   adapter = adapt(model_or_f)
+  auto_axes = auto_axes or _AutoVmapAxes()
 
   def compute(x1: PyTree, x2: PyTree | None, params: PyTree, rest: Any,
               leaf_weights: Sequence[Any] | None, kwargs: dict) -> PyTree:
     def f(p: PyTree, x: PyTree, **kw: Any) -> PyTree:
       return adapter.apply(p, rest, x, **kw)
     ctx = _make_ctx(f, x1, x2, params, kwargs, trace_axes, diagonal_axes, vmap_axes,
-                    leaf_weights)
+                    leaf_weights, auto_axes)
     return kernel(ctx)
 
   return _KernelCall(adapter, compute)
 
 
 def _ntk_impl_fn(model_or_f: Any, trace_axes: Axes, diagonal_axes: Axes, vmap_axes: VMapAxes,
-                 implementation: NtkImplementation) -> _KernelCall:
-  return _kernel_call(model_or_f, _IMPLS[implementation], trace_axes, diagonal_axes, vmap_axes)
+                 implementation: NtkImplementation,
+                 auto_axes: _AutoVmapAxes | None = None) -> _KernelCall:
+  return _kernel_call(model_or_f, _IMPLS[implementation], trace_axes, diagonal_axes, vmap_axes,
+                      auto_axes)
 
 
 def empirical_ntk_fn(
     model_or_f: Any,
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
-    vmap_axes: VMapAxes = None,
+    vmap_axes: VMapAxes = AUTO_VMAP_AXES,
     implementation: str | int | NtkImplementation = "auto",
 ) -> KernelFn:
   r"""Returns ``ntk_fn(x1, x2, variables, **apply_fn_kwargs)``: one draw of the empirical NTK.
@@ -484,10 +545,15 @@ def empirical_ntk_fn(
       :func:`interop.adapters.adapt`).
     trace_axes: output axes to trace over.
     diagonal_axes: output axes to keep only the diagonal of.
-    vmap_axes: NT's ``vmap_axes``: ``None`` (no assumption), an int (batch axis of ``x``
-      and ``f(x)``), or ``(in_axes, out_axes, kwargs_axes)``. Setting it certifies that
-      examples do not interact (no BatchNorm in training mode), which makes every
-      implementation much faster.
+    vmap_axes: ``"auto"`` (default): examples are evaluated one at a time (``jax.vmap``
+      along axis 0 of the inputs and the output axes found) when the model's program
+      proves that they are independent, and all together otherwise (training-mode
+      BatchNorm, batch statistics, dropout; see
+      :func:`interop.batch_independence.detect_batch_independence`; the finding is in
+      :func:`structure_report`). An explicit value wins, with NT's meaning: ``None``
+      (no assumption, never vmapped), an int (batch axis of ``x`` and ``f(x)``), or
+      ``(in_axes, out_axes, kwargs_axes)``; setting it certifies that examples do not
+      interact. Per-example evaluation makes every implementation much faster.
     implementation: ``"auto"`` (default), ``"jacobian_contraction"``,
       ``"ntk_vector_products"``, ``"structured_derivatives"``, or NT's ints 0-3.
 
@@ -499,12 +565,14 @@ def empirical_ntk_fn(
     jit-compatible; wrap it in :func:`jax.jit` for speed.
   """
   impl = canonicalize_implementation(implementation)
+  auto_axes = _AutoVmapAxes()
   if impl == NtkImplementation.AUTO:
     from interop import autoselect
-    candidates = {i: _ntk_impl_fn(model_or_f, trace_axes, diagonal_axes, vmap_axes, i)
+    candidates = {i: _ntk_impl_fn(model_or_f, trace_axes, diagonal_axes, vmap_axes, i,
+                                  auto_axes)
                   for i in _IMPLS}
     return autoselect.auto_ntk_fn(candidates)
-  return _ntk_impl_fn(model_or_f, trace_axes, diagonal_axes, vmap_axes, impl)
+  return _ntk_impl_fn(model_or_f, trace_axes, diagonal_axes, vmap_axes, impl, auto_axes)
 
 
 def empirical_nngp_fn(model_or_f: Any, trace_axes: Axes = (-1,), diagonal_axes: Axes = ()
@@ -545,7 +613,7 @@ def empirical_kernel_fn(
     model_or_f: Any,
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
-    vmap_axes: VMapAxes = None,
+    vmap_axes: VMapAxes = AUTO_VMAP_AXES,
     implementation: str | int | NtkImplementation = "auto",
 ) -> KernelFn:
   """Returns ``kernel_fn(x1, x2, get, variables, **apply_fn_kwargs)`` for NNGP and/or NTK.

@@ -561,14 +561,20 @@ def _fused_gram(layout: KernelLayout, terms: Sequence[_Term]) -> jax.Array | Non
   n_basis = len(layout.labels1)
   canon1 = terms[0].a_labs[0][n_basis:]  # y labels of the first use, side 1
   canon2 = terms[0].b_labs[-1][n_basis:]
-  ties = [a == b for a, b in zip(canon1, canon2)]
+  y_shape = jnp.shape(terms[0].a_ops[0])[n_basis:]
+
+  def ties(y1: Sequence[int], y2: Sequence[int]) -> list[bool]:
+    # Whether a size-1 axis is tied does not matter (it has one index), so a bias tied
+    # on the example's size-1 batch axis still fuses with its weight, which is not.
+    return [a == b and d > 1 for a, b, d in zip(y1, y2, y_shape)]
+
   g_labels = set(layout.labels1) | set(layout.labels2) | set(canon1) | set(canon2)
   sizes = dict(zip(tuple(layout.labels1) + canon1, jnp.shape(terms[0].a_ops[0])))
   sizes.update(zip(tuple(layout.labels2) + canon2, jnp.shape(terms[0].b_ops[-1])))
   factors = []
   for t in terms:
     y1, y2 = t.a_labs[0][n_basis:], t.b_labs[-1][n_basis:]
-    if len(y1) != len(canon1) or [a == b for a, b in zip(y1, y2)] != ties:
+    if len(y1) != len(canon1) or ties(y1, y2) != ties(canon1, canon2):
       return None
     relabel = dict(zip(y1, canon1))
     relabel.update(zip(y2, canon2))

@@ -40,6 +40,7 @@ from interop._layout import merge_kwargs as _merge_kwargs
 from interop._layout import partition_kwargs as _partition_kwargs
 from interop.adapters import adapt
 from interop.empirical import (
+  AUTO_VMAP_AXES,
   NtkImplementation,
   _canonicalize_get,
   _kernel_tuple,
@@ -100,7 +101,7 @@ def monte_carlo_kernel_fn(
     key: jax.Array | None = None,
     trace_axes: Axes = (-1,),
     diagonal_axes: Axes = (),
-    vmap_axes: VMapAxes = None,
+    vmap_axes: VMapAxes = AUTO_VMAP_AXES,
     implementation: str | int | NtkImplementation = "auto",
     parameterization: str = "standard",
     sample_batch_size: int = 1,

@@ -165,7 +165,7 @@ def kernel_fn(model, x_example, *, parameterization: str = "ntk",
       exactly as written, trained in its own parameters, at its traced
       widths).
     priors: overrides `{param path: Prior or initializer}` (or a pytree of
-      `Prior`s matching the params) for parameters whose initializer is not
+      `Prior` values matching the params) for parameters whose initializer is not
       known exactly.
     apply_kwargs: extra keyword arguments for every model call (e.g.
       `{"train": False}`).

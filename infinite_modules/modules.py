@@ -31,9 +31,9 @@ class LayerKernel:
   """Moments of a field, as a module rule sees them (see `values` for layouts).
 
   Attributes:
-    nngp, ntk: (n1, n2, *S) or (n1, n2, *S, *S) per-channel second moments/NTK.
+    nngp, ntk: `(n1, n2, *S)` or `(n1, n2, *S, *S)` per-channel second moments/NTK.
     var1, var2: the same within each batch.
-    mean1, mean2: (n, *S) per-channel means, or None for zero.
+    mean1, mean2: `(n, *S)` per-channel means, or None for zero.
     full: whether all pairs of spatial positions are tracked.
     gaussian: whether the field is Gaussian (a rule's output usually is not).
   """

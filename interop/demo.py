@@ -12,7 +12,8 @@
    trained in parallel, next to their linearizations and the infinite-width
    prediction at the matched time `t = learning_rate * steps`
    (`interop.compare`).
-4. Prints a table per architecture and saves a figure: as the width grows the
+4. Prints a table per architecture and saves a figure (`outputs/finite_vs_infinite.png`,
+   or `--out DIR`): as the width grows the
    finite networks' outputs approach the infinite-width prediction
    (RMSE ~ 1/sqrt(width)) and their accuracy approaches its accuracy.
 
@@ -169,7 +170,10 @@ def _learning_rate(ntk_train_train: np.ndarray, y_train: np.ndarray, fraction: f
   return float(fraction * im.predict.max_learning_rate(ntk_train_train, y_train.size))
 
 
-def run(cfg: Config, out_dir: str | None = ".", seed: int = 0, plot: bool = True,
+DEFAULT_OUT = "outputs"  # git-ignored, so a run leaves the checkout clean
+
+
+def run(cfg: Config, out_dir: str | None = DEFAULT_OUT, seed: int = 0, plot: bool = True,
         progress: bool = False, log=print) -> dict:
   """Runs the demo with sizes `cfg`; returns the width sweeps and accuracies.
 
@@ -282,8 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "limit on the digits dataset.")
   parser.add_argument("--quick", action="store_true",
                       help="reduced run (fewer examples, widths and steps; < 1 minute)")
-  parser.add_argument("--out", default=".",
-                      help="directory for finite_vs_infinite.png (default: current)")
+  parser.add_argument("--out", default=DEFAULT_OUT,
+                      help=f"directory for finite_vs_infinite.png (default: {DEFAULT_OUT}/, "
+                           "created if missing)")
   parser.add_argument("--no-plot", action="store_true", help="do not save the figure")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--progress", action="store_true", help="show training progress bars")

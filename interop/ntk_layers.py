@@ -2,7 +2,7 @@
 
 In the NTK parameterization [Jacot et al. 2018, https://arxiv.org/abs/1806.07572;
 Neural Tangents' default] every parameter is drawn from N(0, 1) and the scale
-lives in the forward pass:
+lives in the forward pass::
 
     Dense:  y = (W_std / sqrt(fan_in)) * (x @ W) + b_std * b,    W, b ~ N(0, 1)
     Conv:   y = (W_std / sqrt(fan_in)) * conv(x, W) + b_std * b,
@@ -124,7 +124,7 @@ class NTKConv(nn.Module):
 
   Inputs are channels-last with a batch axis, `(batch, *spatial, channels)`,
   like `nn.Conv`; 1 to 3 spatial dimensions. `fan_in = in_channels *
-  prod(kernel_size)`. Params `kernel` (*kernel_size, in, features) and `bias`
+  prod(kernel_size)`. Params `kernel` `(*kernel_size, in, features)` and `bias`
   (features,) are drawn from N(0, 1).
 
   Attributes:

@@ -48,3 +48,11 @@ def test_quick_demo(tmp_path):
   infinite_acc = [float(a) for a in re.findall(r"NTK acc (0\.\d+)", out)]
   assert all(a > 0.8 for a in infinite_acc), infinite_acc
   assert (tmp_path / "finite_vs_infinite.png").stat().st_size > 10_000
+
+
+def test_default_output_folder_is_git_ignored():
+  """`python -m interop.demo` writes its figure into `outputs/`, which git ignores."""
+  from interop import demo
+  assert demo.DEFAULT_OUT == "outputs"
+  ignored = (ROOT / ".gitignore").read_text().split()
+  assert f"{demo.DEFAULT_OUT}/" in ignored

@@ -1,5 +1,7 @@
 """User extensions: primitive rules and module counterparts."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -74,8 +76,13 @@ def test_primitive_rule_registration(clean_registries):
     im.kernel_fn(Stopped(), x[:1])
 
   @im.register_rule("stop_gradient")
-  def _identity(interp, eqn, invals):
-    return [invals[0]]
+  def _stop_gradient(interp, eqn, invals):
+    (field,) = invals
+    root = dataclasses.replace(field.root, ntk=jnp.zeros_like(field.root.ntk),
+                               gathered_from=None)
+    return [dataclasses.replace(field, root=root)]
 
-  k = im.kernel_fn(Stopped(), x[:1])(x, get="nngp")
-  assert k.shape == (3, 3)
+  k = im.kernel_fn(Stopped(), x[:1])(x)
+  assert k.nngp.shape == (3, 3)
+  # Only the readout is trained through: its NTK is its NNGP (weight and bias terms).
+  np.testing.assert_allclose(k.ntk, k.nngp, rtol=1e-6)

@@ -389,7 +389,12 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
     raise eqn.error(
         "it adds two fields that depend on the same random parameters in different ways "
         "(e.g. z + relu(z + b)); their cross-covariance is not tracked, and assuming "
-        "independence would give a wrong kernel.")
+        "independence would give a wrong kernel. Per-channel statistics over spatial "
+        "positions (per-channel normalization: nn.GroupNorm(group_size=1), nn.InstanceNorm) "
+        "are such fields: over finitely many positions they stay random as the width "
+        "grows, unlike LayerNorm's statistics over infinitely many channels.",
+        "Normalize over channels (nn.LayerNorm, or nn.GroupNorm with a fixed num_groups), "
+        "or use `interop.monte_carlo_kernel_fn` for a Monte Carlo estimate.")
   if ra.channels != rb.channels:
     raise eqn.error("it adds fields of different widths.")
   rb = mo.permute_spatial(rb, interp.full, _spatial_correspondence(eqn, a, b))

@@ -63,7 +63,24 @@ def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]
     raise eqn.error(f"the weight `{ref.path}` is broadcast along a contracted axis.")
   interp.claim(ref, eqn)
   s2 = float(ref.factor) ** 2
+  if ref.prior.variance * s2 == 0:
+    _warn_zero_weight(interp, eqn, ref)
   return wide[0], ref.shape[wide[0]], ref.prior.variance * s2, interp.grad_coefficient(ref.prior) * s2
+
+
+def _warn_zero_weight(interp: Interpreter, eqn, ref: ParamRef) -> None:
+  """A weight whose prior has zero variance (e.g. hk.nets.ResNet's zero-initialized
+  logits) makes its layer's output identically zero at initialization: the NNGP of
+  everything it feeds is degenerate, and so is the NTK in NTK parameterization."""
+  import warnings
+  ntk = ("and NTK are" if interp.parameterization == "ntk" else "is")
+  warnings.warn(
+      f"The weight `{ref.path}` (`{eqn.name}` in module `{eqn.where}`) has a zero-variance "
+      f"prior (e.g. a zeros initializer): its layer outputs 0 at initialization, so the "
+      f"NNGP {ntk} degenerate (zero) from there on. Pass a prior with positive variance, "
+      f"e.g. priors={{'{ref.path}': im.Prior(variance=1.0 / fan_in)}}, or use "
+      "parameterization='standard' for the NTK of the model as initialized.",
+      UserWarning, stacklevel=2)
 
 
 def _new_root(nngp, ntk, var1, var2, spatial, channels) -> Root:

@@ -352,7 +352,7 @@ def scale_by_param(interp: Interpreter, eqn, field: Field, ref: ParamRef) -> Fie
     # A LayerNorm multiplies rsqrt(var + eps) (per example) into its scale first.
     ctx = ("ctx", to_location(ref.factor, field, eqn))
     base = field.expr if field.expr is not None else ew.Z
-    field = Field(field.root, field.axes, ew.node(_mul(), {}, [base, ctx]))
+    field = Field(field.root, field.axes, ew.node(_mul(), _mul_params(), [base, ctx]))
     ref = dataclasses.replace(ref, factor=1.0)
   interp.claim(ref, eqn)
   s = float(ref.factor)
@@ -373,6 +373,13 @@ def scale_by_param(interp: Interpreter, eqn, field: Field, ref: ParamRef) -> Fie
 def _mul():
   import jax
   return jax.lax.mul_p
+
+
+def _mul_params() -> dict:
+  """The params `lax.mul` binds with in this JAX version (jax 0.10 adds `out_dtype`,
+  which mul's transpose rule requires: without it input gradients fail)."""
+  import jax
+  return dict(jax.make_jaxpr(jax.lax.mul)(1.0, 1.0).eqns[0].params)
 
 
 def _spatial_correspondence(eqn, a: Field, b: Field):

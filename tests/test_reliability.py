@@ -212,3 +212,28 @@ def test_input_gradients_match_finite_differences(x64, name):
   h = 1e-6
   fd = (f(x1 + h * direction) - f(x1 - h * direction)) / (2 * h)
   np.testing.assert_allclose(grad, fd, rtol=1e-6)
+
+
+def _finite_psd(k):
+  for name in ("nngp", "ntk"):
+    a = np.asarray(getattr(k, name), np.float64)
+    scale = float(np.max(np.abs(a)))
+    assert np.all(np.isfinite(a)), (name, a)
+    assert np.min(np.linalg.eigvalsh((a + a.T) / 2)) >= -1e-6 * scale, (name, a)
+
+
+@pytest.mark.parametrize("depth,dtype", [
+    (6, np.float64),
+    pytest.param(64, np.float64, marks=pytest.mark.slow),
+    pytest.param(64, np.float32, marks=pytest.mark.slow)])
+def test_deep_net_awkward_inputs_are_finite_and_psd(x64, depth, dtype):
+  """A deep ReLU MLP (64 layers under -m slow) on zero, duplicated, opposite inputs and
+  scales 1e-6 .. 1e6, and a batch of one."""
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=(1, 3))
+  scales = np.array([0.0, 1e-6, 1e-3, 1.0, 1.0, -1.0, 1e3, 1e6])[:, None]
+  x = (scales * base).astype(dtype)
+  model = MLP(nn.relu, depth=depth, width=8)
+  kf = im.kernel_fn(model, x[:1])
+  _finite_psd(kf(x, None))
+  _finite_psd(kf(x[3:4], None))

@@ -271,7 +271,7 @@ def _from_nnx(module, x_example, priors, apply_kwargs) -> Traceable:
 
 # NNX layers (flax 0.12) do not keep their initializers: `record_nnx_initializers`
 # captures the `*_init` arguments of the layers built inside it, per instance.
-_NNX_RECORDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_NNX_RECORDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _nnx_layer_classes():

@@ -171,7 +171,7 @@ def _check_properties(spec: Spec):
     return k
 
 
-@settings(max_examples=5, deadline=None, derandomize=True, database=None,
+@settings(max_examples=3, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(specs)
 def test_random_models_have_valid_kernels_or_documented_errors(spec):

@@ -11,6 +11,7 @@ from infinite_modules.batching import batch
 from infinite_modules.errors import InfiniteWidthError, PriorError, UnsupportedPrimitiveError
 from infinite_modules.interpreter import register_rule
 from infinite_modules.kernel import Estimate, Kernel
+from infinite_modules.models import record_nnx_initializers
 from infinite_modules.modules import LayerKernel, register_module
 from infinite_modules.priors import Prior, prior_from_initializer
 
@@ -27,6 +28,7 @@ __all__ = [
     "kernel_fn",
     "predict",
     "prior_from_initializer",
+    "record_nnx_initializers",
     "register_module",
     "register_rule",
 ]

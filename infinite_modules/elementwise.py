@@ -253,6 +253,7 @@ def evaluate(expr, z, ctx_values):
   if not isinstance(ctx_values, dict):
     ctx_values = {id(n): v for n, v in zip(ctx_nodes(expr), ctx_values)}
   memo: dict = {}
+  dtype = jnp.result_type(z)
 
   def visit(e):
     key = id(e)
@@ -262,9 +263,9 @@ def evaluate(expr, z, ctx_values):
     if kind == "z":
       out = z
     elif kind == "lit":
-      out = e[1]
+      out = _in_dtype(e[1], dtype)
     elif kind == "ctx":
-      out = ctx_values[id(e)]
+      out = _in_dtype(ctx_values[id(e)], dtype)
     else:
       prim, params, args = e[1], dict(e[2]), e[3]
       vals = [visit(a) for a in args]
@@ -280,6 +281,19 @@ def evaluate(expr, z, ctx_values):
     return out
 
   return visit(expr)
+
+
+def _in_dtype(value, dtype):
+  """A float constant of phi in the dtype phi is evaluated in.
+
+  The kernel's dtype is its inputs' (moments of float64 inputs through a
+  float32 layer are float64, and float32 kernels must stay float32 under
+  jax_enable_x64); phi's literals and location constants follow it, so that
+  primitives that need equal dtypes (lax.sub, lax.max) accept them.
+  """
+  if jnp.issubdtype(jnp.result_type(value), jnp.floating) and jnp.result_type(value) != dtype:
+    return jnp.asarray(value).astype(dtype)
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,11 +387,7 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
     cov = arr - ma_b * mb_b
     if form is not None:
       kappa = ex.affine_kappa(form, cov, va_b, vb_b, 0, 0)
-      dkappa = ex.affine_dkappa(form, cov, va_b, vb_b)
-      if dkappa is None:
-        dphi = ex.derivative(lambda t: evaluate(expr, t, ()))
-        dkappa = ex.pair_expectation(dphi, dphi, cov, va_b, vb_b, ma_b, mb_b, points)
-      return kappa, dkappa
+      return kappa, ex.affine_dkappa(form, cov, va_b, vb_b)
     fa, breaks_a = _side(expr, kinks, ctx_a, va_b, ma_b)
     fb, breaks_b = _side(expr, kinks, ctx_b, vb_b, mb_b)
     dfa, dfb = ex.derivative(fa), ex.derivative(fb)

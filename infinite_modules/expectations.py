@@ -28,8 +28,25 @@ QUADRATURE_POINTS = 48
 _TINY = 1e-30
 
 
+# Derivatives at the edge of a domain. sqrt(g) and arccos(rho) have infinite
+# derivatives where g = 0 and rho = +-1, which are minima of g >= 0 and
+# extrema of rho in [-1, 1]: there the inner derivative (g', rho') vanishes
+# whenever it exists, so the chain rule's product is 0 (at a kink, such as
+# |x1 - x2| between coincident inputs, 0 is the symmetric subgradient).
+# Naive autodiff forms inf * 0 = NaN instead (Neural Tangents issue #88).
+
+@jax.custom_jvp
 def safe_sqrt(x):
+  """sqrt(max(x, 0)) with derivative 0 (not inf or NaN) where x <= 0."""
   return jnp.sqrt(jnp.maximum(x, 0.0))
+
+
+@safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  y = safe_sqrt(x)
+  positive = y > 0
+  return y, jnp.where(positive, dx / (2 * jnp.where(positive, y, 1.0)), 0.0)
 
 
 def _correlation(c, va, vb):
@@ -38,36 +55,70 @@ def _correlation(c, va, vb):
   return jnp.clip(rho, -1.0, 1.0), norm
 
 
+@jax.custom_jvp
+def arccos_j0(rho):
+  """J_0(rho) = (pi - arccos rho) / (2 pi) = E[1{u>0} 1{v>0}] for correlation rho.
+
+  Its derivative 1 / (2 pi sqrt(1 - rho^2)) is taken as 0 at rho = +-1 (see above).
+  """
+  return (math.pi - jnp.arccos(jnp.clip(rho, -1.0, 1.0))) / (2 * math.pi)
+
+
+@arccos_j0.defjvp
+def _arccos_j0_jvp(primals, tangents):
+  (rho,), (drho,) = primals, tangents
+  gap = 1 - rho * rho
+  inside = gap > 0
+  slope = jnp.where(inside, 1 / (2 * math.pi * jnp.sqrt(jnp.where(inside, gap, 1.0))), 0.0)
+  return arccos_j0(rho), slope * drho
+
+
+@jax.custom_jvp
+def arccos_j1(rho):
+  """J_1(rho) = (sqrt(1 - rho^2) + (pi - arccos rho) rho) / (2 pi)
+  = E[relu(u) relu(v)] for unit variances and correlation rho (Cho & Saul 2009).
+
+  Its derivative is exactly J_0(rho) (Price's theorem), finite at rho = +-1,
+  where the two infinite terms of the naive derivative cancel.
+  """
+  rho = jnp.clip(rho, -1.0, 1.0)
+  return (safe_sqrt(1 - rho * rho) + (math.pi - jnp.arccos(rho)) * rho) / (2 * math.pi)
+
+
+@arccos_j1.defjvp
+def _arccos_j1_jvp(primals, tangents):
+  (rho,), (drho,) = primals, tangents
+  return arccos_j1(rho), arccos_j0(rho) * drho
+
+
 # --------------------------------------------------------------------------
 # Closed forms. Each core f has kappa = E[f(u) f(v)], dkappa = E[f'(u) f'(v)]
 # and mean = E[f(u)] for zero-mean (u, v) with covariance [[va, c], [c, vb]].
 # --------------------------------------------------------------------------
 
-def _arccos_j(theta, norm):
-  """E[relu(u) relu(v)] = |u||v| (sin t + (pi - t) cos t) / (2 pi) (Cho & Saul 2009)."""
-  return norm / (2 * np.pi) * (jnp.sin(theta) + (np.pi - theta) * jnp.cos(theta))
-
-
 @dataclasses.dataclass(frozen=True)
 class ReluPair:
-  """f(z) = p * z for z > 0 and n * z for z < 0: relu, leaky_relu, abs."""
+  """f(z) = p * z for z > 0 and n * z for z < 0: relu, leaky_relu, abs.
+
+  With f = p relu(z) - n relu(-z) and E[relu(u) relu(-v)] = |u||v| J_1(-rho):
+  kappa = sqrt(va vb) ((p^2 + n^2) J_1(rho) - 2 p n J_1(-rho)) and
+  dkappa = (p^2 + n^2) J_0(rho) + 2 p n J_0(-rho).
+  """
   p: float
   n: float
 
   def kappa(self, c, va, vb):
     rho, norm = _correlation(c, va, vb)
-    theta = jnp.arccos(rho)
     p, n = self.p, self.n
-    return (p * p + n * n) * _arccos_j(theta, norm) - 2 * p * n * _arccos_j(np.pi - theta, norm)
+    return norm * ((p * p + n * n) * arccos_j1(rho) - 2 * p * n * arccos_j1(-rho))
 
   def dkappa(self, c, va, vb):
     rho, _ = _correlation(c, va, vb)
-    theta = jnp.arccos(rho)
     p, n = self.p, self.n
-    return ((p * p + n * n) * (np.pi - theta) + 2 * p * n * theta) / (2 * np.pi)
+    return (p * p + n * n) * arccos_j0(rho) + 2 * p * n * arccos_j0(-rho)
 
   def mean(self, v):
-    return (self.p - self.n) * safe_sqrt(v) / np.sqrt(2 * np.pi)
+    return (self.p - self.n) * safe_sqrt(v) / math.sqrt(2 * math.pi)
 
   def __call__(self, z):
     return jnp.where(z > 0, self.p * z, self.n * z)
@@ -92,11 +143,11 @@ class Erf:
 
 @dataclasses.dataclass(frozen=True)
 class Sign:
-  """f = sign: E[f f] = 2/pi arcsin(rho); f' = 0 almost everywhere."""
+  """f = sign: E[f f] = 2/pi arcsin(rho) = 4 J_0(rho) - 1; f' = 0 almost everywhere."""
 
   def kappa(self, c, va, vb):
     rho, _ = _correlation(c, va, vb)
-    return 2 / np.pi * jnp.arcsin(rho)
+    return 4 * arccos_j0(rho) - 1
 
   def dkappa(self, c, va, vb):
     return jnp.zeros_like(c)
@@ -165,7 +216,14 @@ class Gelu:
 
   E[f(u) f(v)] follows from writing Phi(u) = P(g <= u) for an independent
   standard normal g and applying Stein's lemma to E[u v 1{u-g>0} 1{v-h>0}].
-  E[f'(u) f'(v)] uses quadrature (f' is smooth, so it converges fast).
+
+  E[f'(u) f'(v)] with f' = Phi + z phi, a = va + 1, b = vb + 1 and
+  D = a b - c^2 (> 0 always):
+    E[Phi(u) Phi(v)]        = 1/4 + arcsin(c / sqrt(a b)) / (2 pi)   (orthant)
+    E[Phi(u) v phi(v)]      = c / (2 pi b sqrt(D))     (tilt by phi(v), then Stein)
+    E[u phi(u) Phi(v)]      = c / (2 pi a sqrt(D))
+    E[u phi(u) v phi(v)]    = c / (2 pi D^(3/2))       (Gaussian integral)
+  Every denominator is >= 1, so all of it is smooth at correlation +-1.
   """
 
   def kappa(self, c, va, vb):
@@ -177,13 +235,19 @@ class Gelu:
     term_t = c / jnp.sqrt(2 * np.pi * b1) * (c / b1) / jnp.sqrt(2 * np.pi * cond_s)
     return c * orthant + term_s + term_t
 
-  dkappa = None
+  def dkappa(self, c, va, vb):
+    a1, b1 = va + 1, vb + 1
+    det = a1 * b1 - c * c
+    orthant = 0.25 + jnp.arcsin(c / jnp.sqrt(a1 * b1)) / (2 * math.pi)
+    root = jnp.sqrt(det)
+    cross = c / (2 * math.pi * root) * (1 / a1 + 1 / b1)
+    return orthant + cross + c / (2 * math.pi * det * root)
 
   def mean(self, v):
     return v / jnp.sqrt(2 * np.pi * (1 + v))
 
   def __call__(self, z):
-    return z * 0.5 * jax.lax.erfc(-z / np.sqrt(2))
+    return z * 0.5 * jax.lax.erfc(-z / math.sqrt(2))
 
 
 # --------------------------------------------------------------------------
@@ -341,10 +405,15 @@ def switch_points(switches, m, s, dtype):
 
 
 def _standardize(points, centre, scale):
-  """(points - centre) / scale, +inf where scale is zero (no breakpoint)."""
+  """(points - centre) / scale, +inf where scale is zero or the point is missing (+inf).
+
+  Missing points are replaced before the arithmetic: inf / scale would give the
+  gradient w.r.t. scale inf * 0 = NaN even where the result is masked.
+  """
   centre, scale = jnp.asarray(centre)[..., None], jnp.asarray(scale)[..., None]
+  keep = (scale != 0) & jnp.isfinite(points)
   safe = jnp.where(scale != 0, scale, 1.0)
-  return jnp.where(scale != 0, (points - centre) / safe, jnp.inf)
+  return jnp.where(keep, (jnp.where(keep, points, 0.0) - centre) / safe, jnp.inf)
 
 
 def pair_expectation_piecewise(fa: Callable, fb: Callable, c, va, vb, ma, mb, breaks_a, breaks_b):
@@ -434,7 +503,10 @@ def recognize(phi: Callable[[jax.Array], jax.Array], dtype) -> Affine | None:
 
 def _recognize(phi, dtype) -> Affine | None:
   f64 = jnp.dtype(dtype) == jnp.float64
-  rtol = 1e-9 if f64 else 2e-5
+  # Pointwise relative tolerance of the fit: far above rounding and the fitted
+  # parameters' error (~1e-7 in float32), far below the distance to a lookalike
+  # (tanh-approximated GELU differs from exact GELU by 2e-4 relative and more).
+  rtol = 1e-9 if f64 else 1e-5
   z = jnp.asarray(_probe_points(), dtype)
   try:
     values = np.asarray(phi(z), np.float64)
@@ -450,12 +522,14 @@ def _recognize(phi, dtype) -> Affine | None:
   if not np.all(np.isfinite(values)):
     return None
   zz = np.asarray(z, np.float64)
-  scale = max(1.0, float(np.max(np.abs(values))))
   val = lambda x: float(np.asarray(phi(jnp.asarray([x], dtype)))[0])
 
   def check(candidate: Affine) -> Affine | None:
-    fitted = candidate.a * np.asarray(candidate.core(jnp.asarray(candidate.s * zz, jnp.float64 if f64 else jnp.float32)), np.float64) + candidate.b
-    return candidate if np.all(np.abs(fitted - values) <= rtol * scale * 10) else None
+    core = np.asarray(candidate.core(jnp.asarray(candidate.s * zz, dtype)), np.float64)
+    fitted = candidate.a * core + candidate.b
+    # Relative to the terms summed (a * core + b may cancel to ~0).
+    size = np.abs(candidate.a * core) + abs(candidate.b) + np.abs(values)
+    return candidate if np.all(np.abs(fitted - values) <= rtol * size + _TINY) else None
 
   v0, v1, v2, v3, v4 = derivs
   candidates = []
@@ -519,9 +593,7 @@ def affine_kappa(form: Affine, c, va, vb, ma, mb):
 
 
 def affine_dkappa(form: Affine, c, va, vb):
-  """E[phi'(u) phi'(v)] = a^2 s^2 E[core'(s u) core'(s v)], or None if no closed form."""
-  if form.core.dkappa is None:
-    return None
+  """E[phi'(u) phi'(v)] = a^2 s^2 E[core'(s u) core'(s v)]."""
   s2 = form.s ** 2
   return form.a ** 2 * s2 * form.core.dkappa(s2 * c, s2 * va, s2 * vb)
 

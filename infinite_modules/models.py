@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -73,14 +76,21 @@ def _resolve_priors(params: PyTree, recorded: Mapping[str, Any], overrides, what
       raise PriorError(f"`priors` names unknown parameters {sorted(unknown)}; "
                        f"known: {sorted(jax.tree_util.tree_leaves(paths))}.")
 
+  missing = [path for path in jax.tree_util.tree_leaves(paths)
+             if path not in override_map and path not in recorded]
+  if missing:
+    template = ", ".join(f"'{p}': im.Prior(variance=..., mean=0.)" for p in missing)
+    nnx_hint = (" (For NNX layers, build the model inside `with im.record_nnx_initializers():` "
+                "and their initializers are known.)" if what == "NNX module" else "")
+    raise PriorError(
+        f"No initializer is known for {len(missing)} parameter(s) of this {what}: "
+        f"{', '.join(f'`{p}`' for p in missing)}. Pass explicit priors for all of them: "
+        f"`im.kernel_fn(..., priors={{{template}}})`.{nnx_hint}")
+
   def prior_of(path: str, leaf) -> Prior:
     shape = np.shape(leaf)
     if path in override_map:
       return prior_from_initializer(override_map[path], shape, path)
-    if path not in recorded:
-      raise PriorError(
-          f"No initializer is known for parameter `{path}` of this {what}. Pass an "
-          f"explicit prior: `im.kernel_fn(..., priors={{'{path}': im.Prior(variance=..., mean=0.)}})`.")
     return prior_from_initializer(recorded[path], shape, path)
 
   priors = jax.tree_util.tree_map(prior_of, paths, params)
@@ -110,8 +120,12 @@ def _record_linen_initializers(record: dict[str, Any]):
 
 def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
   recorded: dict[str, Any] = {}
-  with _record_linen_initializers(recorded):
-    variables = model.init(rng, x_example, **apply_kwargs)
+  try:
+    with _record_linen_initializers(recorded):
+      variables = model.init(rng, x_example, **apply_kwargs)
+  except NameError as e:
+    _raise_named_axis(e)
+    raise
   variables = dict(variables)
   if "params" not in variables:
     raise PriorError("The Flax module has no `params` collection: nothing to take to infinite width.")
@@ -123,6 +137,7 @@ def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
       return model.apply({"params": p, **rest}, x, **apply_kwargs)
     except Exception as e:
       _raise_training_mode(e)
+      _raise_named_axis(e)
       raise
 
   prior_tree, paths = _resolve_priors(params, recorded, priors, "Flax module")
@@ -152,6 +167,19 @@ def _raise_training_mode(error: Exception) -> None:
         "or `interop.monte_carlo_kernel_fn`.") from error
 
 
+def _raise_named_axis(error: Exception) -> None:
+  """Re-raises JAX's unbound-axis-name error (a collective over a named batch axis, e.g.
+  nn.BatchNorm(axis_name='batch') in training mode, as in Flax's ImageNet ResNet) as an
+  `InfiniteWidthError` that says why and what to do."""
+  if isinstance(error, NameError) and "axis name" in str(error):
+    raise InfiniteWidthError(
+        "The model reduces over a named axis while it is applied (a collective such as "
+        "psum/pmean over the batch, e.g. nn.BatchNorm(use_running_average=False, "
+        f"axis_name='batch') in training mode: {str(error).splitlines()[0]}). Statistics over "
+        "the batch mix the examples, so there is no infinite-width kernel. Put the model in "
+        "evaluation mode, e.g. apply_kwargs={'train': False}.") from error
+
+
 def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
   import haiku as hk
   from haiku._src import base as hk_base
@@ -162,8 +190,23 @@ def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
     recorded[f"{context.module_name}/{context.name}"] = init
     return next_creator(shape, dtype, init)
 
-  with hk_base.custom_creator_unsafe(creator):
-    initialized = transformed.init(rng, x_example, **apply_kwargs)
+  try:
+    with hk_base.custom_creator_unsafe(creator):
+      initialized = transformed.init(rng, x_example, **apply_kwargs)
+  except ValueError as e:
+    if "perhaps set an init function" not in str(e):
+      raise
+    # Initialized with is_training=True instead, the averages would be x_example's
+    # per-channel batch statistics: constants that differ between channels, which
+    # the kernel refuses (its channels must be exchangeable).
+    raise InfiniteWidthError(
+        f"Haiku could not create the model's state ({e}). hk.BatchNorm with "
+        "is_training=False reads running averages that only training creates, and trained "
+        "averages differ from channel to channel, so the channels of an infinitely wide layer "
+        "would not be identically distributed: there is no infinite-width kernel of the "
+        "model as initialized. Use a normalization over channels (hk.LayerNorm) in the "
+        "model given to kernel_fn, or `interop.monte_carlo_kernel_fn` for the model "
+        "with its trained state.") from e
   with_state = isinstance(transformed, hk.TransformedWithState)
   params, state = initialized if with_state else (initialized, None)
 
@@ -206,6 +249,7 @@ def _haiku_apply_takes_rng(transformed, params, state, x, apply_kwargs) -> bool:
 
 
 def _from_nnx(module, x_example, priors, apply_kwargs) -> Traceable:
+  import flax.errors
   from flax import nnx
   del x_example
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
@@ -214,16 +258,86 @@ def _from_nnx(module, x_example, priors, apply_kwargs) -> Traceable:
   def apply(p, x):
     new_params = jax.tree_util.tree_map(lambda v: v, params)
     nnx.replace_by_pure_dict(new_params, p)
-    return nnx.merge(graphdef, new_params, rest)(x, **apply_kwargs)
+    try:
+      return nnx.merge(graphdef, new_params, rest)(x, **apply_kwargs)
+    except flax.errors.TraceContextError as e:
+      raise InfiniteWidthError(
+          f"The NNX model changes its state while it is applied ({type(e).__name__}: "
+          f"{str(e).splitlines()[0]}). A layer in training mode (nnx.Dropout drawing masks, "
+          "nnx.BatchNorm updating batch statistics) has no deterministic infinite-width "
+          "kernel. Call `model.eval()` before `im.kernel_fn` (or construct the layers with "
+          "deterministic=True / use_running_average=True).") from e
 
-  prior_tree, paths = _resolve_priors(pure, _nnx_default_initializers(module), priors, "NNX module")
+  prior_tree, paths = _resolve_priors(pure, nnx_initializers(module), priors, "NNX module")
   return Traceable(apply, pure, prior_tree, paths)
 
 
-def _nnx_default_initializers(module) -> dict[str, Any]:
-  """NNX modules do not keep their initializers; none are known without `priors`."""
-  del module
-  return {}
+# NNX layers (flax 0.12) do not keep their initializers: `record_nnx_initializers`
+# captures the `*_init` arguments of the layers built inside it, per instance.
+_NNX_RECORDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _nnx_layer_classes():
+  from flax import nnx
+  names = ("Linear", "LinearGeneral", "Einsum", "Conv", "ConvTranspose", "Embed", "LayerNorm",
+           "RMSNorm", "BatchNorm", "GroupNorm")
+  return [getattr(nnx, n) for n in names if hasattr(nnx, n)]
+
+
+@contextlib.contextmanager
+def record_nnx_initializers():
+  """Records the initializers of the `flax.nnx` layers constructed inside it.
+
+  NNX modules keep only their params' values, not the initializers that drew
+  them, so `kernel_fn` cannot know their priors. Build the model inside this
+  context and they are known exactly, as for Flax linen::
+
+      with im.record_nnx_initializers():
+        model = MyNNXModel(rngs=nnx.Rngs(0))
+      kernel_fn = im.kernel_fn(model.eval(), x)
+
+  Each built-in layer's `*_init` arguments (`kernel_init`, `bias_init`,
+  `scale_init`, `embedding_init`, defaults included) become the priors of its
+  params `kernel`, `bias`, `scale`, `embedding`. Params created directly with
+  `nnx.Param(...)` still need `priors=`.
+  """
+  patched = []
+  for cls in _nnx_layer_classes():
+    original = cls.__dict__.get("__init__")
+    if original is None:
+      continue
+    signature = inspect.signature(original)
+
+    def init(self, *args, __original=original, __signature=signature, **kwargs):
+      bound = __signature.bind(self, *args, **kwargs)
+      bound.apply_defaults()
+      __original(self, *args, **kwargs)
+      _NNX_RECORDED[self] = {name[:-len("_init")]: value
+                             for name, value in bound.arguments.items()
+                             if name.endswith("_init") and callable(value)}
+
+    cls.__init__ = functools.wraps(original)(init)
+    patched.append((cls, original))
+  try:
+    yield
+  finally:
+    for cls, original in patched:
+      cls.__init__ = original
+
+
+def nnx_initializers(module) -> dict[str, Any]:
+  """Initializers of an NNX module's params that were recorded at construction
+  (`record_nnx_initializers`), keyed by param path."""
+  from flax import nnx
+  found: dict[str, Any] = {}
+  for path, sub in nnx.iter_graph(module):
+    recorded = _NNX_RECORDED.get(sub) if isinstance(sub, nnx.Module) else None
+    if not recorded:
+      continue
+    prefix = "/".join(str(p) for p in path)
+    for name, init in recorded.items():
+      found["/".join(filter(None, (prefix, name)))] = init
+  return found
 
 
 def as_traceable(model, x_example, *, priors=None, apply_kwargs: Mapping[str, Any] | None = None,

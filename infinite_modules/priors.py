@@ -38,6 +38,10 @@ class Prior:
   gaussian: bool = True
 
   def __post_init__(self):
+    # Python floats: numpy scalars (fan-ins from np.prod) are not weakly typed in
+    # JAX and would promote a float32 kernel to float64 under jax_enable_x64.
+    object.__setattr__(self, "variance", float(self.variance))
+    object.__setattr__(self, "mean", float(self.mean))
     if not (math.isfinite(self.variance) and self.variance >= 0):
       raise PriorError(f"Prior variance must be finite and >= 0, got {self.variance}.")
     if not math.isfinite(self.mean):

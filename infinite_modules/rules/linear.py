@@ -84,7 +84,24 @@ def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]
     raise eqn.error(f"the weight `{ref.path}` is broadcast along a contracted axis.")
   interp.claim(ref, eqn)
   s2 = float(ref.factor) ** 2
+  if ref.prior.variance * s2 == 0:
+    _warn_zero_weight(interp, eqn, ref)
   return tuple(wide), ref.prior.variance * s2, interp.grad_coefficient(ref.prior) * s2
+
+
+def _warn_zero_weight(interp: Interpreter, eqn, ref: ParamRef) -> None:
+  """A weight whose prior has zero variance (e.g. hk.nets.ResNet's zero-initialized
+  logits) makes its layer's output identically zero at initialization: the NNGP of
+  everything it feeds is degenerate, and so is the NTK in NTK parameterization."""
+  import warnings
+  ntk = ("and NTK are" if interp.parameterization == "ntk" else "is")
+  warnings.warn(
+      f"The weight `{ref.path}` (`{eqn.name}` in module `{eqn.where}`) has a zero-variance "
+      f"prior (e.g. a zeros initializer): its layer outputs 0 at initialization, so the "
+      f"NNGP {ntk} degenerate (zero) from there on. Pass a prior with positive variance, "
+      f"e.g. priors={{'{ref.path}': im.Prior(variance=1.0 / fan_in)}}, or use "
+      "parameterization='standard' for the NTK of the model as initialized.",
+      UserWarning, stacklevel=2)
 
 
 def _new_root(nngp, ntk, var1, var2, spatial, channels) -> Root:
@@ -391,7 +408,7 @@ def scale_by_param(interp: Interpreter, eqn, field: Field, ref: ParamRef) -> Fie
     # A LayerNorm multiplies rsqrt(var + eps) (per example) into its scale first.
     ctx = ("ctx", to_location(ref.factor, field, eqn))
     base = field.expr if field.expr is not None else ew.Z
-    field = Field(field.root, field.axes, ew.node(_mul(), {}, [base, ctx]))
+    field = Field(field.root, field.axes, ew.node(_mul(), _mul_params(), [base, ctx]))
     ref = dataclasses.replace(ref, factor=1.0)
   interp.claim(ref, eqn)
   s = float(ref.factor)
@@ -412,6 +429,13 @@ def scale_by_param(interp: Interpreter, eqn, field: Field, ref: ParamRef) -> Fie
 def _mul():
   import jax
   return jax.lax.mul_p
+
+
+def _mul_params() -> dict:
+  """The params `lax.mul` binds with in this JAX version (jax 0.10 adds `out_dtype`,
+  which mul's transpose rule requires: without it input gradients fail)."""
+  import jax
+  return dict(jax.make_jaxpr(jax.lax.mul)(1.0, 1.0).eqns[0].params)
 
 
 def _spatial_correspondence(eqn, a: Field, b: Field):
@@ -445,7 +469,12 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
     raise eqn.error(
         "it adds two fields that depend on the same random parameters in different ways "
         "(e.g. z + relu(z + b)); their cross-covariance is not tracked, and assuming "
-        "independence would give a wrong kernel.")
+        "independence would give a wrong kernel. Per-channel statistics over spatial "
+        "positions (per-channel normalization: nn.GroupNorm(group_size=1), nn.InstanceNorm) "
+        "are such fields: over finitely many positions they stay random as the width "
+        "grows, unlike LayerNorm's statistics over infinitely many channels.",
+        "Normalize over channels (nn.LayerNorm, or nn.GroupNorm with a fixed num_groups), "
+        "or use `interop.monte_carlo_kernel_fn` for a Monte Carlo estimate.")
   if ra.channels != rb.channels:
     raise eqn.error("it adds fields of different widths.")
   rb = mo.permute_spatial(rb, interp.full, _spatial_correspondence(eqn, a, b))

@@ -473,8 +473,9 @@ def _concat_channels(interp, eqn, fields) -> Field:
     r = materialize(interp, eqn, f)
     r = mo.permute_spatial(r, interp.full, _spatial_correspondence(eqn, fields[0], f))
     roots.append(r)
-  widths = np.array([r.channels for r in roots], float)
-  total = widths.sum()
+  # Python floats keep the moments' dtype (numpy scalars would promote float32).
+  widths = [float(r.channels) for r in roots]
+  total = sum(widths)
   avg = lambda name: sum(w / total * getattr(r, name) for w, r in zip(widths, roots))
 
   def avg_mean(name):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import expectations as ex
-from infinite_modules.moments import diag_of, pair_broadcast
+from infinite_modules.moments import diag_of, pair_broadcast, same_point
 from infinite_modules.values import Root
 
 Z = ("z",)
@@ -302,8 +302,13 @@ def _with_trailing(values):
   return tuple(jnp.asarray(v)[..., None] for v in values)
 
 
-def materialize(root: Root, expr, full: bool, points: int) -> Root:
-  """Moments of phi(z) where phi = expr, z the root variable."""
+def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = False) -> Root:
+  """Moments of phi(z) where phi = expr, z the root variable.
+
+  `same_batch`: both batches are the same (x2=None), so the pair arrays'
+  entries (a, a[, s, s]) are points paired with themselves (correlation
+  exactly 1 in the closed forms).
+  """
   if expr is None or expr is Z:
     return root
   ctx = [n[1] for n in ctx_nodes(expr)]
@@ -354,7 +359,8 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
     # phi = F(A(z)): the affine map is exact and keeps Gaussianity, and F alone
     # has no location constants, so it can be matched to a closed form.
     f_node, a_node = split
-    return materialize(materialize(root, a_node, full, points), f_node, full, points)
+    return materialize(materialize(root, a_node, full, points, same_batch), f_node, full, points,
+                       same_batch)
 
   v1 = diag_of(root.var1, d, full) - m1 * m1
   v2 = diag_of(root.var2, d, full) - m2 * m2
@@ -372,8 +378,9 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
     ma_b, mb_b = pair_broadcast(ma, mb, d, full, pair)
     cov = arr - ma_b * mb_b
     if form is not None:
-      kappa = ex.affine_kappa(form, cov, va_b, vb_b, 0, 0)
-      dkappa = ex.affine_dkappa(form, cov, va_b, vb_b)
+      same = same_point(arr.shape[0], root.spatial, full, pair, same_batch)
+      kappa = ex.affine_kappa(form, cov, va_b, vb_b, 0, 0, same=same)
+      dkappa = ex.affine_dkappa(form, cov, va_b, vb_b, same=same)
       if dkappa is None:
         dphi = ex.derivative(lambda t: evaluate(expr, t, ()))
         dkappa = ex.pair_expectation(dphi, dphi, cov, va_b, vb_b, ma_b, mb_b, points)

@@ -32,10 +32,25 @@ def safe_sqrt(x):
   return jnp.sqrt(jnp.maximum(x, 0.0))
 
 
-def _correlation(c, va, vb):
+def _correlation(c, va, vb, same=None):
+  """(rho, sqrt(va vb)); rho is exactly 1 where `same` (a pair of one point with itself).
+
+  Rounding makes c / sqrt(va vb) = 1 - O(eps) at such pairs, and the arccos
+  kernels turn that into an O(sqrt(eps)) error (3e-4 in float32).
+  """
   norm = safe_sqrt(va * vb)
   rho = jnp.where(norm > 0, c / jnp.where(norm > 0, norm, 1.0), 0.0)
-  return jnp.clip(rho, -1.0, 1.0), norm
+  rho = jnp.clip(rho, -1.0, 1.0)
+  if same is not None:
+    rho = jnp.where(same, jnp.ones_like(rho), rho)
+  return rho, norm
+
+
+def _angle(rho):
+  """(theta, sin theta) for theta = arccos(rho): one sqrt and one atan2, accurate
+  near rho = +-1 (sqrt((1 - rho)(1 + rho)) does not cancel)."""
+  sine = safe_sqrt((1 - rho) * (1 + rho))
+  return jnp.arctan2(sine, rho), sine
 
 
 # --------------------------------------------------------------------------
@@ -43,9 +58,10 @@ def _correlation(c, va, vb):
 # and mean = E[f(u)] for zero-mean (u, v) with covariance [[va, c], [c, vb]].
 # --------------------------------------------------------------------------
 
-def _arccos_j(theta, norm):
-  """E[relu(u) relu(v)] = |u||v| (sin t + (pi - t) cos t) / (2 pi) (Cho & Saul 2009)."""
-  return norm / (2 * np.pi) * (jnp.sin(theta) + (np.pi - theta) * jnp.cos(theta))
+def _arccos_j(theta, sine, cosine, norm):
+  """E[relu(u) relu(v)] = |u||v| (sin t + (pi - t) cos t) / (2 pi) (Cho & Saul 2009),
+  from sin t and cos t (no further transcendentals)."""
+  return norm / (2 * np.pi) * (sine + (np.pi - theta) * cosine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +69,20 @@ class ReluPair:
   """f(z) = p * z for z > 0 and n * z for z < 0: relu, leaky_relu, abs."""
   p: float
   n: float
+  # kappa / dkappa take `same`: where rho is exactly 1 (see `_correlation`).
+  correlation_based = True
 
-  def kappa(self, c, va, vb):
-    rho, norm = _correlation(c, va, vb)
-    theta = jnp.arccos(rho)
+  def kappa(self, c, va, vb, same=None):
+    rho, norm = _correlation(c, va, vb, same)
+    theta, sine = _angle(rho)
     p, n = self.p, self.n
-    return (p * p + n * n) * _arccos_j(theta, norm) - 2 * p * n * _arccos_j(np.pi - theta, norm)
+    # pi - theta has the same sine and cosine -rho.
+    return ((p * p + n * n) * _arccos_j(theta, sine, rho, norm)
+            - 2 * p * n * _arccos_j(np.pi - theta, sine, -rho, norm))
 
-  def dkappa(self, c, va, vb):
-    rho, _ = _correlation(c, va, vb)
-    theta = jnp.arccos(rho)
+  def dkappa(self, c, va, vb, same=None):
+    rho, _ = _correlation(c, va, vb, same)
+    theta, _ = _angle(rho)
     p, n = self.p, self.n
     return ((p * p + n * n) * (np.pi - theta) + 2 * p * n * theta) / (2 * np.pi)
 
@@ -93,12 +113,13 @@ class Erf:
 @dataclasses.dataclass(frozen=True)
 class Sign:
   """f = sign: E[f f] = 2/pi arcsin(rho); f' = 0 almost everywhere."""
+  correlation_based = True
 
-  def kappa(self, c, va, vb):
-    rho, _ = _correlation(c, va, vb)
+  def kappa(self, c, va, vb, same=None):
+    rho, _ = _correlation(c, va, vb, same)
     return 2 / np.pi * jnp.arcsin(rho)
 
-  def dkappa(self, c, va, vb):
+  def dkappa(self, c, va, vb, same=None):
     return jnp.zeros_like(c)
 
   def mean(self, v):
@@ -509,21 +530,31 @@ def kinks_only_at_zero(switches, dtype) -> bool:
   return True
 
 
-def affine_kappa(form: Affine, c, va, vb, ma, mb):
-  """E[phi(u) phi(v)] for phi = a core(s z) + b and zero-mean (u, v)."""
+def _same_point(core, same) -> dict:
+  """`same=` for cores that compute a correlation (only they lose accuracy at rho = 1)."""
+  return {"same": same} if same is not None and getattr(core, "correlation_based", False) else {}
+
+
+def affine_kappa(form: Affine, c, va, vb, ma, mb, same=None):
+  """E[phi(u) phi(v)] for phi = a core(s z) + b and zero-mean (u, v).
+
+  `same` (boolean, broadcasting against c) marks pairs of one point with
+  itself, whose correlation is exactly 1.
+  """
   del ma, mb
   s2 = form.s ** 2
   core = form.core
-  k = core.kappa(s2 * c, s2 * va, s2 * vb)
+  k = core.kappa(s2 * c, s2 * va, s2 * vb, **_same_point(core, same))
   return form.a ** 2 * k + form.a * form.b * (core.mean(s2 * va) + core.mean(s2 * vb)) + form.b ** 2
 
 
-def affine_dkappa(form: Affine, c, va, vb):
+def affine_dkappa(form: Affine, c, va, vb, same=None):
   """E[phi'(u) phi'(v)] = a^2 s^2 E[core'(s u) core'(s v)], or None if no closed form."""
   if form.core.dkappa is None:
     return None
   s2 = form.s ** 2
-  return form.a ** 2 * s2 * form.core.dkappa(s2 * c, s2 * va, s2 * vb)
+  return form.a ** 2 * s2 * form.core.dkappa(s2 * c, s2 * va, s2 * vb,
+                                             **_same_point(form.core, same))
 
 
 def affine_mean(form: Affine, v):

@@ -140,13 +140,14 @@ class KernelFn:
 
 
 def _mirror(k):
-  """The upper triangle of k reflected onto the lower one: exactly symmetric.
+  """(k + k^T) / 2: exactly symmetric (floating-point addition commutes).
 
   The rules compute both triangles of a kernel of a batch with itself, but
   the two sides of a pair do not enter symmetrically (the outer and inner
-  variables of a quadrature), so the triangles differ by rounding.
+  variables of a quadrature), so the triangles differ by the quadrature's
+  error; their mean is exactly symmetric and no less accurate.
   """
-  return jnp.triu(k) + jnp.triu(k, 1).T
+  return (k + k.T) / 2
 
 
 def _float_dtype(dtype):

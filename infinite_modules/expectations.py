@@ -38,7 +38,9 @@ def _correlation(c, va, vb, same=None):
   Rounding makes c / sqrt(va vb) = 1 - O(eps) at such pairs, and the arccos
   kernels turn that into an O(sqrt(eps)) error (3e-4 in float32).
   """
-  norm = safe_sqrt(va * vb)
+  # sqrt of each side, not of their product: va and vb are per-input arrays
+  # broadcast against c, so this costs O(n) square roots instead of O(n^2).
+  norm = safe_sqrt(va) * safe_sqrt(vb)
   rho = jnp.where(norm > 0, c / jnp.where(norm > 0, norm, 1.0), 0.0)
   rho = jnp.clip(rho, -1.0, 1.0)
   if same is not None:

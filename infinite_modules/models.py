@@ -108,7 +108,8 @@ def _record_linen_initializers(record: dict[str, Any]):
 def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
   recorded: dict[str, Any] = {}
   with _record_linen_initializers(recorded):
-    variables = model.init(rng, x_example, **apply_kwargs)
+    # One compiled program for all initializers (eagerly, each is compiled on its own).
+    variables = jax.jit(lambda r, x: model.init(r, x, **apply_kwargs))(rng, x_example)
   variables = dict(variables)
   if "params" not in variables:
     raise PriorError("The Flax module has no `params` collection: nothing to take to infinite width.")

@@ -78,9 +78,9 @@ def window_sum(root: Root, full: bool, k: int, window: int, stride: int, dilatio
     out[t, t'] = sum_j sum_j' in[t*stride + j*dilation - lo, t'*stride + j'*dilation - lo].
   Zero outside the input.
 
-  Each sum is one XLA window op (`reduce_window`, or a convolution with an
-  identity filter for the diagonal window of same_tap in the full layout),
-  never a sum of shifted slices: XLA fuses an elementwise producer into each
+  Each sum is one XLA `reduce_window` (for the diagonal window of same_tap
+  in the full layout, along the flattened diagonal), never a sum of shifted
+  slices: XLA fuses an elementwise producer into each
   slice that reads it, so the previous layer's nonlinearity (arccos, sqrt)
   would be evaluated once per tap, and compounded over a chain of layers the
   cost would grow quadratically with depth. Window ops read a materialized
@@ -129,18 +129,34 @@ class _Window:
                              tuple(pads), window_dilation=tuple(dilation))
 
   def diagonal_sum(self, arr, axes: tuple[int, int]):
-    """out[t, t'] = sum_j arr[t*stride + j*dilation - lo, t'*stride + j*dilation - lo]:
-    a 2-D convolution over `axes` with an identity filter (all other axes as batch)."""
-    rest = [i for i in range(arr.ndim) if i not in axes]
-    moved = jnp.transpose(arr, rest + list(axes))
-    lead = moved.shape[:len(rest)]
-    images = moved.reshape((-1, 1) + moved.shape[len(rest):])
-    identity = jnp.eye(self.size, dtype=arr.dtype)[None, None]
-    summed = lax.conv_general_dilated(
-        images, identity, (self.stride,) * 2, [self.padding] * 2,
-        rhs_dilation=(self.dilation,) * 2, precision=lax.Precision.HIGHEST)
-    summed = summed.reshape(lead + summed.shape[2:])
-    return jnp.transpose(summed, np.argsort(rest + list(axes)))
+    """out[t, t'] = sum_j arr[t*stride + j*dilation - lo, t'*stride + j*dilation - lo].
+
+    One `reduce_window` along a diagonal: with both axes zero-padded and the
+    block of axes p..q (p < q, any axes between them) flattened, stepping both
+    positions by one moves the flat index by step = (elements per p index) + 1,
+    so the window is `size` taps with dilation `dilation * step`. Valid windows
+    never run past a row, so no entries wrap around.
+    """
+    p, q = sorted(axes)
+    lo, hi = self.padding
+    widths = [(0, 0)] * arr.ndim
+    widths[p] = widths[q] = (lo, hi)
+    padded = jnp.pad(arr, widths)
+    block = padded.shape[p:q + 1]
+    flat = padded.reshape(padded.shape[:p] + (-1,) + padded.shape[q + 1:])
+    step = int(np.prod(block[1:])) + 1
+    reach = (self.size - 1) * self.dilation * step
+    ones = [1] * flat.ndim
+    dims, dilation, pads = list(ones), list(ones), [(0, 0)] * flat.ndim
+    dims[p], dilation[p], pads[p] = self.size, self.dilation * step, (0, reach)
+    summed = lax.reduce_window(flat, np.array(0, arr.dtype), lax.add, tuple(dims),
+                               tuple(ones), tuple(pads), window_dilation=tuple(dilation))
+    summed = summed.reshape(padded.shape)
+    size = padded.shape[p]
+    out = (size - self.dilation * (self.size - 1) - 1) // self.stride + 1
+    index = [slice(None)] * arr.ndim
+    index[p] = index[q] = slice(0, (out - 1) * self.stride + 1, self.stride)
+    return summed[tuple(index)]
 
 
 def sum_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
@@ -253,7 +269,7 @@ def same_point(n: int, spatial: tuple[int, ...], full: bool, pair: bool, same_ba
     positions = np.ones((1,) * d, dtype=bool)
   if not pair:
     return positions[None]
-  return np.eye(n, dtype=bool).reshape((n, n) + (1,) * d) & positions[None, None]
+  return np.eye(n, dtype=bool).reshape((n, n) + (1,) * positions.ndim) & positions[None, None]
 
 
 def squeeze_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:

@@ -108,8 +108,13 @@ def _record_linen_initializers(record: dict[str, Any]):
 def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
   recorded: dict[str, Any] = {}
   with _record_linen_initializers(recorded):
-    # One compiled program for all initializers (eagerly, each is compiled on its own).
-    variables = jax.jit(lambda r, x: model.init(r, x, **apply_kwargs))(rng, x_example)
+    init = lambda r, x: model.init(r, x, **apply_kwargs)
+    # Only the params' shapes are needed (their priors come from the initializers),
+    # so nothing is computed unless other collections (BatchNorm statistics) need
+    # values; those come from one compiled program, not each initializer on its own.
+    variables = jax.eval_shape(init, rng, x_example)
+    if any(name != "params" for name in variables):
+      variables = jax.jit(init)(rng, x_example)
   variables = dict(variables)
   if "params" not in variables:
     raise PriorError("The Flax module has no `params` collection: nothing to take to infinite width.")

@@ -47,11 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "..", "shared", "tools"))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-from jax.nn.initializers import variance_scaling  # noqa: E402
+import flax.linen as nn
+import jax
+from jax.nn.initializers import variance_scaling
 
-import infinite_modules as im  # noqa: E402
+import infinite_modules as im
 
 W_VAR = 2.0
 

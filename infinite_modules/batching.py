@@ -33,10 +33,13 @@ def batch(kernel_fn: Callable, batch_size: int, *, progress: bool = True,
   def batched(x1, x2=None, get=None):
     select(Kernel(0, 0, 0, 0, (), ()), get)  # validate get early
     x1 = np.asarray(x1)
-    x2 = x1 if x2 is None else np.asarray(x2)
+    # x2=None: the upper blocks only, the diagonal ones as kernel_fn(block, None)
+    # (exactly symmetric, correlation 1 on the diagonal), mirrored below it.
+    same = x2 is None
+    x2 = x1 if same else np.asarray(x2)
     starts1 = range(0, x1.shape[0], batch_size)
     starts2 = range(0, x2.shape[0], batch_size)
-    blocks = [(i, j) for i in starts1 for j in starts2]
+    blocks = [(i, j) for i in starts1 for j in starts2 if not same or j >= i]
     iterator = blocks
     if progress:
       from tqdm.auto import tqdm
@@ -47,11 +50,19 @@ def batch(kernel_fn: Callable, batch_size: int, *, progress: bool = True,
       a, na = _padded(x1, i, batch_size)
       b, nb = _padded(x2, j, batch_size)
       device = devices[k % len(devices)]
-      kern = kernel_fn(jax.device_put(a, device), jax.device_put(b, device))
-      out["nngp"][i:i + na, j:j + nb] = np.asarray(kern.nngp)[:na, :nb]
-      out["ntk"][i:i + na, j:j + nb] = np.asarray(kern.ntk)[:na, :nb]
+      if same and i == j:
+        kern = kernel_fn(jax.device_put(a, device), None)
+      else:
+        kern = kernel_fn(jax.device_put(a, device), jax.device_put(b, device))
+      for name in ("nngp", "ntk"):
+        block = np.asarray(getattr(kern, name))[:na, :nb]
+        out[name][i:i + na, j:j + nb] = block
+        if same and j > i:
+          out[name][j:j + nb, i:i + na] = block.T
       cov1[i:i + na] = np.asarray(kern.cov1)[:na]
       cov2[j:j + nb] = np.asarray(kern.cov2)[:nb]
+    if same:
+      cov2 = cov1
     kernel = Kernel(jnp.asarray(out["nngp"]), jnp.asarray(out["ntk"]), jnp.asarray(cov1),
                     jnp.asarray(cov2), tuple(x1.shape), tuple(x2.shape))
     return select(kernel, get)

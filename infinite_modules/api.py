@@ -67,10 +67,13 @@ class KernelFn:
         names for a namedtuple, None for a `Kernel` with all of them.
     """
     x1 = self._check_input(x1, "x1")
-    x2 = x1 if x2 is None else self._check_input(x2, "x2")
-    if x1.dtype != x2.dtype:
-      raise ValueError(f"x1 and x2 have different dtypes {x1.dtype} and {x2.dtype}.")
+    if x2 is not None:
+      x2 = self._check_input(x2, "x2")
+      if x1.dtype != x2.dtype:
+        raise ValueError(f"x1 and x2 have different dtypes {x1.dtype} and {x2.dtype}.")
     select(Kernel(0, 0, 0, 0, (), ()), get)  # validates `get` before any work
+    # x2=None is its own (symmetric) problem: one input moment, correlation
+    # exactly 1 on the diagonal, an exactly symmetric result.
     kernel = self._compute(x1, x2, full=self.full)
     return select(kernel, get)
 
@@ -97,6 +100,9 @@ class KernelFn:
       return jax.make_jaxpr(self._traceable.apply)(params, x)
 
   def _kernel(self, x1, x2, *, full: bool) -> Kernel:
+    """The kernel between x1 and x2; x2=None: between x1 and itself."""
+    same_batch = x2 is None
+    x2 = x1 if same_batch else x2
     dtype = _float_dtype(x1.dtype)
     n1, n2 = x1.shape[0], x2.shape[0]
     j1, j2 = self._trace(n1, x1.dtype), self._trace(n2, x1.dtype)
@@ -105,7 +111,7 @@ class KernelFn:
               for i, (path, prior, shape) in enumerate(zip(self._paths, self._priors, self._shapes))]
     invals.append(Concrete(x1, x2, 0))
     interp = Interpreter(full=full, parameterization=self.parameterization, n1=n1, n2=n2,
-                         dtype=dtype, points=self._points)
+                         dtype=dtype, points=self._points, same_batch=same_batch)
     outs = run_jaxpr(interp, j1.jaxpr, j2.jaxpr, jp.jaxpr, j1.consts, j2.consts, invals)
     if len(outs) != 1:
       raise InfiniteWidthError(f"The model returns {len(outs)} arrays; kernel_fn needs one output.")
@@ -119,13 +125,15 @@ class KernelFn:
           f"The model's output keeps spatial axes (layout {out.axes}); pool or flatten them and "
           "apply a Dense readout to get an (n1, n2) kernel.")
     try:
-      root = ew.materialize(out.root, out.expr, full, self._points)
+      root = ew.materialize(out.root, out.expr, full, self._points, same_batch)
     except ew.NotGaussianError:
       raise InfiniteWidthError("The output applies a nonlinearity to a non-Gaussian field.") from None
     nngp, ntk, var1, var2 = (a.astype(dtype) for a in (root.nngp, root.ntk, root.var1, root.var2))
     if root.mean1 is not None:
       nngp = nngp - root.mean1[:, None] * root.mean2[None, :]
       var1, var2 = var1 - root.mean1 ** 2, var2 - root.mean2 ** 2
+    if same_batch:
+      nngp, ntk, var2 = _mirror(nngp), _mirror(ntk), var1
     return Kernel(nngp=nngp, ntk=ntk, cov1=var1, cov2=var2, shape1=tuple(x1.shape),
                   shape2=tuple(x2.shape), estimates=tuple(interp.estimates),
                   error=jnp.asarray(interp.error, dtype))
@@ -137,6 +145,17 @@ def _input_dtype(dtype):
   if jnp.issubdtype(dtype, jnp.integer):
     return jnp.dtype(jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
   return _float_dtype(dtype)
+
+
+def _mirror(k):
+  """(k + k^T) / 2: exactly symmetric (floating-point addition commutes).
+
+  The rules compute both triangles of a kernel of a batch with itself, but
+  the two sides of a pair do not enter symmetrically (the outer and inner
+  variables of a quadrature), so the triangles differ by the quadrature's
+  error; their mean is exactly symmetric and no less accurate.
+  """
+  return (k + k.T) / 2
 
 
 def _float_dtype(dtype):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import expectations as ex
-from infinite_modules.moments import diag_of, pair_broadcast
+from infinite_modules.moments import diag_of, pair_broadcast, same_point
 from infinite_modules.values import Root
 
 Z = ("z",)
@@ -316,8 +316,13 @@ def _with_trailing(values):
   return tuple(jnp.asarray(v)[..., None] for v in values)
 
 
-def materialize(root: Root, expr, full: bool, points: int) -> Root:
-  """Moments of phi(z) where phi = expr, z the root variable."""
+def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = False) -> Root:
+  """Moments of phi(z) where phi = expr, z the root variable.
+
+  `same_batch`: both batches are the same (x2=None), so the pair arrays'
+  entries (a, a[, s, s]) are points paired with themselves (correlation
+  exactly 1 in the closed forms).
+  """
   if expr is None or expr is Z:
     return root
   ctx = [n[1] for n in ctx_nodes(expr)]
@@ -368,7 +373,8 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
     # phi = F(A(z)): the affine map is exact and keeps Gaussianity, and F alone
     # has no location constants, so it can be matched to a closed form.
     f_node, a_node = split
-    return materialize(materialize(root, a_node, full, points), f_node, full, points)
+    return materialize(materialize(root, a_node, full, points, same_batch), f_node, full, points,
+                       same_batch)
 
   v1 = diag_of(root.var1, d, full) - m1 * m1
   v2 = diag_of(root.var2, d, full) - m2 * m2
@@ -376,9 +382,7 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
   kinks = switches(expr)
   form = None
   if not ctx and root.mean1 is None and root.mean2 is None:
-    gs = [lambda t, g=g: evaluate(g, t, ()) for g, _ in kinks]
-    if ex.kinks_only_at_zero(gs, dtype):
-      form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
+    form = _closed_form(expr, kinks, dtype)
 
   def moments(arr, ctx_a, ctx_b, va, vb, ma, mb, pair):
     """Returns E[phi(u) phi(v)] and E[phi'(u) phi'(v)] for one moment array."""
@@ -386,8 +390,9 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
     ma_b, mb_b = pair_broadcast(ma, mb, d, full, pair)
     cov = arr - ma_b * mb_b
     if form is not None:
-      kappa = ex.affine_kappa(form, cov, va_b, vb_b, 0, 0)
-      return kappa, ex.affine_dkappa(form, cov, va_b, vb_b)
+      same = same_point(arr.shape[0], root.spatial, full, pair, same_batch)
+      kappa = ex.affine_kappa(form, cov, va_b, vb_b, 0, 0, same=same)
+      return kappa, ex.affine_dkappa(form, cov, va_b, vb_b, same=same)
     fa, breaks_a = _side(expr, kinks, ctx_a, va_b, ma_b)
     fb, breaks_b = _side(expr, kinks, ctx_b, vb_b, mb_b)
     dfa, dfb = ex.derivative(fa), ex.derivative(fb)
@@ -418,6 +423,60 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
   return dataclasses.replace(
       root, nngp=nngp, ntk=dk * root.ntk, var1=var1, var2=var2,
       mean1=mean(v1, m1, ctx1), mean2=mean(v2, m2, ctx2), gaussian=False, gathered_from=None)
+
+
+def _closed_form(expr, kinks, dtype):
+  """The closed form `a core(s z) + b` of a location-free phi, or None.
+
+  Recognition evaluates phi on probe points eagerly (~0.1-0.4 s); a network
+  has the same phi at every layer, so results are memoized by phi's structure
+  (primitives, parameters, literal values) and dtype.
+  """
+  key = _structure(expr)
+  if key is not None:
+    key = (key, jnp.dtype(dtype).name)
+    if key in _CLOSED_FORMS:
+      return _CLOSED_FORMS[key]
+  form = None
+  gs = [lambda t, g=g: evaluate(g, t, ()) for g, _ in kinks]
+  if ex.kinks_only_at_zero(gs, dtype):
+    form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
+  if key is not None and len(_CLOSED_FORMS) < 1024:
+    _CLOSED_FORMS[key] = form
+  return form
+
+
+_CLOSED_FORMS: dict = {}
+
+
+def _structure(expr):
+  """A hashable description of a location-free expression, or None if it has
+  parts that cannot be compared (traced literals, unhashable parameters)."""
+  memo: dict = {}
+
+  def visit(e):
+    if id(e) in memo:
+      return memo[id(e)]
+    if e[0] == "z":
+      out = ("z",)
+    elif e[0] == "lit":
+      if isinstance(e[1], jax.core.Tracer):
+        raise TypeError
+      value = np.asarray(e[1])
+      out = ("lit", value.dtype.str, value.shape, value.tobytes())
+    elif e[0] == "op":
+      out = ("op", e[1], e[2], tuple(visit(a) for a in e[3]))
+    else:
+      raise TypeError
+    memo[id(e)] = out
+    return out
+
+  try:
+    key = visit(expr)
+    hash(key)
+    return key
+  except TypeError:
+    return None
 
 
 class NotGaussianError(Exception):

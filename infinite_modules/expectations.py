@@ -49,10 +49,20 @@ def _safe_sqrt_jvp(primals, tangents):
   return y, jnp.where(positive, dx / (2 * jnp.where(positive, y, 1.0)), 0.0)
 
 
-def _correlation(c, va, vb):
-  norm = safe_sqrt(va * vb)
+def _correlation(c, va, vb, same=None):
+  """(rho, sqrt(va vb)); rho is exactly 1 where `same` (a pair of one point with itself).
+
+  Rounding makes c / sqrt(va vb) = 1 - O(eps) at such pairs, and the arccos
+  kernels turn that into an O(sqrt(eps)) error (3e-4 in float32).
+  """
+  # sqrt of each side, not of their product: va and vb are per-input arrays
+  # broadcast against c, so this costs O(n) square roots instead of O(n^2).
+  norm = safe_sqrt(va) * safe_sqrt(vb)
   rho = jnp.where(norm > 0, c / jnp.where(norm > 0, norm, 1.0), 0.0)
-  return jnp.clip(rho, -1.0, 1.0), norm
+  rho = jnp.clip(rho, -1.0, 1.0)
+  if same is not None:
+    rho = jnp.where(same, jnp.ones_like(rho), rho)
+  return rho, norm
 
 
 @jax.custom_jvp
@@ -106,14 +116,16 @@ class ReluPair:
   """
   p: float
   n: float
+  # kappa / dkappa take `same`: where rho is exactly 1 (see `_correlation`).
+  correlation_based = True
 
-  def kappa(self, c, va, vb):
-    rho, norm = _correlation(c, va, vb)
+  def kappa(self, c, va, vb, same=None):
+    rho, norm = _correlation(c, va, vb, same)
     p, n = self.p, self.n
     return norm * ((p * p + n * n) * arccos_j1(rho) - 2 * p * n * arccos_j1(-rho))
 
-  def dkappa(self, c, va, vb):
-    rho, _ = _correlation(c, va, vb)
+  def dkappa(self, c, va, vb, same=None):
+    rho, _ = _correlation(c, va, vb, same)
     p, n = self.p, self.n
     return (p * p + n * n) * arccos_j0(rho) + 2 * p * n * arccos_j0(-rho)
 
@@ -144,12 +156,13 @@ class Erf:
 @dataclasses.dataclass(frozen=True)
 class Sign:
   """f = sign: E[f f] = 2/pi arcsin(rho) = 4 J_0(rho) - 1; f' = 0 almost everywhere."""
+  correlation_based = True
 
-  def kappa(self, c, va, vb):
-    rho, _ = _correlation(c, va, vb)
+  def kappa(self, c, va, vb, same=None):
+    rho, _ = _correlation(c, va, vb, same)
     return 4 * arccos_j0(rho) - 1
 
-  def dkappa(self, c, va, vb):
+  def dkappa(self, c, va, vb, same=None):
     return jnp.zeros_like(c)
 
   def mean(self, v):
@@ -583,19 +596,29 @@ def kinks_only_at_zero(switches, dtype) -> bool:
   return True
 
 
-def affine_kappa(form: Affine, c, va, vb, ma, mb):
-  """E[phi(u) phi(v)] for phi = a core(s z) + b and zero-mean (u, v)."""
+def _same_point(core, same) -> dict:
+  """`same=` for cores that compute a correlation (only they lose accuracy at rho = 1)."""
+  return {"same": same} if same is not None and getattr(core, "correlation_based", False) else {}
+
+
+def affine_kappa(form: Affine, c, va, vb, ma, mb, same=None):
+  """E[phi(u) phi(v)] for phi = a core(s z) + b and zero-mean (u, v).
+
+  `same` (boolean, broadcasting against c) marks pairs of one point with
+  itself, whose correlation is exactly 1.
+  """
   del ma, mb
   s2 = form.s ** 2
   core = form.core
-  k = core.kappa(s2 * c, s2 * va, s2 * vb)
+  k = core.kappa(s2 * c, s2 * va, s2 * vb, **_same_point(core, same))
   return form.a ** 2 * k + form.a * form.b * (core.mean(s2 * va) + core.mean(s2 * vb)) + form.b ** 2
 
 
-def affine_dkappa(form: Affine, c, va, vb):
+def affine_dkappa(form: Affine, c, va, vb, same=None):
   """E[phi'(u) phi'(v)] = a^2 s^2 E[core'(s u) core'(s v)]."""
   s2 = form.s ** 2
-  return form.a ** 2 * s2 * form.core.dkappa(s2 * c, s2 * va, s2 * vb)
+  return form.a ** 2 * s2 * form.core.dkappa(s2 * c, s2 * va, s2 * vb,
+                                             **_same_point(form.core, same))
 
 
 def affine_mean(form: Affine, v):

@@ -96,6 +96,8 @@ class Interpreter:
   n2: int
   dtype: jnp.dtype
   points: int
+  # x2=None: both batches are the same, so (a, a) pairs are points paired with themselves.
+  same_batch: bool = False
   used_params: set = dataclasses.field(default_factory=set)
   materialized: dict = dataclasses.field(default_factory=dict)
   # Steps estimated rather than computed exactly, and the sum of their error bounds.

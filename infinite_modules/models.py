@@ -122,7 +122,13 @@ def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
   recorded: dict[str, Any] = {}
   try:
     with _record_linen_initializers(recorded):
-      variables = model.init(rng, x_example, **apply_kwargs)
+      init = lambda r, x: model.init(r, x, **apply_kwargs)
+      # Only the params' shapes are needed (their priors come from the initializers),
+      # so nothing is computed unless other collections (BatchNorm statistics) need
+      # values; those come from one compiled program, not each initializer on its own.
+      variables = jax.eval_shape(init, rng, x_example)
+      if any(name != "params" for name in variables):
+        variables = jax.jit(init)(rng, x_example)
   except NameError as e:
     _raise_named_axis(e)
     raise

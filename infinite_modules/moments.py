@@ -13,6 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from infinite_modules.values import Root
 
@@ -26,11 +27,16 @@ def spatial_axes(lead: int, d: int, full: bool, k: int) -> tuple[int, ...]:
 
 
 def map_arrays(root: Root, full: bool, second, mean=None, **changes) -> Root:
-  """Applies `second(arr, lead)` to the second moments and `mean(arr)` to means."""
+  """Applies `second(arr, lead)` to the second moments and `mean(arr)` to means.
+
+  An input's pseudo-root has `ntk=None` (structurally zero: no parameter
+  before it), which stays None rather than becoming a window sum of zeros
+  that XLA would constant-fold at compile time.
+  """
   mean = mean or (lambda a: a)
   return dataclasses.replace(
       root,
-      nngp=second(root.nngp, 2), ntk=second(root.ntk, 2),
+      nngp=second(root.nngp, 2), ntk=None if root.ntk is None else second(root.ntk, 2),
       var1=second(root.var1, 1), var2=second(root.var2, 1),
       mean1=None if root.mean1 is None else mean(root.mean1),
       mean2=None if root.mean2 is None else mean(root.mean2),
@@ -71,43 +77,86 @@ def window_sum(root: Root, full: bool, k: int, window: int, stride: int, dilatio
   same_tap=False (pooling: a fixed linear map of the field, all tap pairs):
     out[t, t'] = sum_j sum_j' in[t*stride + j*dilation - lo, t'*stride + j'*dilation - lo].
   Zero outside the input.
+
+  Each sum is one XLA `reduce_window` (for the diagonal window of same_tap
+  in the full layout, along the flattened diagonal), never a sum of shifted
+  slices: XLA fuses an elementwise producer into each
+  slice that reads it, so the previous layer's nonlinearity (arccos, sqrt)
+  would be evaluated once per tap, and compounded over a chain of layers the
+  cost would grow quadratically with depth. Window ops read a materialized
+  input (XLA does not fuse expensive producers into consumers that reuse
+  their operand's elements), so each moment entry is computed once.
   """
   d = len(root.spatial)
   lo, hi = padding
+  if lo < 0 or hi < 0:
+    raise ValueError("Negative convolution padding is not supported.")
   size = root.spatial[k] + lo + hi
   out = (size - dilation * (window - 1) - 1) // stride + 1
   if out <= 0:
     raise ValueError(f"Window {window} (dilation {dilation}) larger than padded size {size}.")
-
-  def pad(arr, axes):
-    widths = [(0, 0)] * arr.ndim
-    for axis in axes:
-      widths[axis] = (lo, hi)
-    if lo < 0 or hi < 0:
-      raise ValueError("Negative convolution padding is not supported.")
-    return jnp.pad(arr, widths)
-
-  def taps(arr, axes):
-    arr = pad(arr, axes)
-    total = 0
-    for j in range(window):
-      start = j * dilation
-      sl = [slice(None)] * arr.ndim
-      for axis in axes:
-        sl[axis] = slice(start, start + stride * (out - 1) + 1, stride)
-      total = total + arr[tuple(sl)]
-    return total
+  spec = _Window(window, stride, dilation, (lo, hi))
 
   def second(arr, lead):
     axes = spatial_axes(lead, d, full, k)
-    if same_tap or len(axes) == 1:
-      return taps(arr, axes)
+    if len(axes) == 1:
+      return spec.sum(arr, axes[0])
+    if same_tap:
+      return spec.diagonal_sum(arr, axes)
     for axis in axes:  # a linear map applied to both positions independently
-      arr = taps(arr, (axis,))
+      arr = spec.sum(arr, axis)
     return arr
 
   spatial = tuple(out if i == k else s for i, s in enumerate(root.spatial))
-  return map_arrays(root, full, second, lambda m: taps(m, (1 + k,)), spatial=spatial)
+  return map_arrays(root, full, second, lambda m: spec.sum(m, 1 + k), spatial=spatial)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Window:
+  """A 1-D sliding window: size, stride, dilation and (lo, hi) zero padding."""
+  size: int
+  stride: int
+  dilation: int
+  padding: tuple[int, int]
+
+  def sum(self, arr, axis: int):
+    """out[t] = sum_j arr[t*stride + j*dilation - lo] along `axis` (one reduce_window)."""
+    ones = [1] * arr.ndim
+    dims, strides, dilation, pads = list(ones), list(ones), list(ones), [(0, 0)] * arr.ndim
+    dims[axis], strides[axis], dilation[axis] = self.size, self.stride, self.dilation
+    pads[axis] = self.padding
+    return lax.reduce_window(arr, np.array(0, arr.dtype), lax.add, tuple(dims), tuple(strides),
+                             tuple(pads), window_dilation=tuple(dilation))
+
+  def diagonal_sum(self, arr, axes: tuple[int, int]):
+    """out[t, t'] = sum_j arr[t*stride + j*dilation - lo, t'*stride + j*dilation - lo].
+
+    One `reduce_window` along a diagonal: with both axes zero-padded and the
+    block of axes p..q (p < q, any axes between them) flattened, stepping both
+    positions by one moves the flat index by step = (elements per p index) + 1,
+    so the window is `size` taps with dilation `dilation * step`. Valid windows
+    never run past a row, so no entries wrap around.
+    """
+    p, q = sorted(axes)
+    lo, hi = self.padding
+    widths = [(0, 0)] * arr.ndim
+    widths[p] = widths[q] = (lo, hi)
+    padded = jnp.pad(arr, widths)
+    block = padded.shape[p:q + 1]
+    flat = padded.reshape(padded.shape[:p] + (-1,) + padded.shape[q + 1:])
+    step = int(np.prod(block[1:])) + 1
+    reach = (self.size - 1) * self.dilation * step
+    ones = [1] * flat.ndim
+    dims, dilation, pads = list(ones), list(ones), [(0, 0)] * flat.ndim
+    dims[p], dilation[p], pads[p] = self.size, self.dilation * step, (0, reach)
+    summed = lax.reduce_window(flat, np.array(0, arr.dtype), lax.add, tuple(dims),
+                               tuple(ones), tuple(pads), window_dilation=tuple(dilation))
+    summed = summed.reshape(padded.shape)
+    size = padded.shape[p]
+    out = (size - self.dilation * (self.size - 1) - 1) // self.stride + 1
+    index = [slice(None)] * arr.ndim
+    index[p] = index[q] = slice(0, (out - 1) * self.stride + 1, self.stride)
+    return summed[tuple(index)]
 
 
 def sum_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
@@ -200,6 +249,27 @@ def pair_broadcast(side1, side2, d: int, full: bool, pair: bool):
       spatial = rest
     return a.reshape(lead + spatial + trailing)
   return expand(side1, True), expand(side2, False)
+
+
+def same_point(n: int, spatial: tuple[int, ...], full: bool, pair: bool, same_batch: bool):
+  """Which entries of a moment array pair a point (input, position) with itself.
+
+  A static boolean mask broadcasting against a pair array (n1, n2, *S[, *S])
+  (pair=True; only when both batches are the same, `same_batch`) or a single
+  array (n, *S[, *S]); None if no entry does. In the diagonal layout every
+  entry of a single array is such a pair.
+  """
+  d = len(spatial)
+  if pair and not same_batch:
+    return None
+  if full and d:
+    m = int(np.prod(spatial))
+    positions = np.eye(m, dtype=bool).reshape(spatial + spatial)
+  else:
+    positions = np.ones((1,) * d, dtype=bool)
+  if not pair:
+    return positions[None]
+  return np.eye(n, dtype=bool).reshape((n, n) + (1,) * positions.ndim) & positions[None, None]
 
 
 def squeeze_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:

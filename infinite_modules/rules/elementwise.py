@@ -38,13 +38,13 @@ def _param_rule(interp, eqn, invals):
     if name == "neg":
       return [_scaled(ref, -1.0)]
     if name == "mul" and len(others) == 1:
-      scalar = concrete_scalar(others[0])
+      scalar = _scalar_for(others[0], ref.shape)
       if scalar is not None:
         return [_scaled(ref, scalar)]
       if isinstance(others[0], Concrete):
         return [_scaled(ref, others[0])]
     if name == "div" and invals[0] is ref:
-      scalar = concrete_scalar(invals[1])
+      scalar = _scalar_for(invals[1], ref.shape)
       if scalar is not None and scalar != 0:
         return [_scaled(ref, 1.0 / scalar)]
   if len(refs) == 1 and len(fields) == 1 and len(invals) == 2:
@@ -58,6 +58,40 @@ def _param_rule(interp, eqn, invals):
   raise eqn.error("this combination of parameters and fields has no exact rule "
                   "(parameters may only be contracted by dot_general/conv, added as biases "
                   "or multiplied as per-channel scales).")
+
+
+def _scalar_for(v, shape) -> float | None:
+  """v as a python float if it acts on an array of `shape` as a scalar: a concrete
+  scalar, or an input-independent constant with all entries equal that does not
+  broadcast `shape` to a larger one (e.g. BatchNorm's rsqrt(var + eps) with the
+  running variance at its initial value)."""
+  scalar = concrete_scalar(v)
+  if scalar is not None or not isinstance(v, Concrete):
+    return scalar
+  value = _uniform_constant(v)
+  if value is None or np.broadcast_shapes(tuple(shape), np.shape(v.v1)) != tuple(shape):
+    return None
+  return value
+
+
+def _uniform_constant(v: Concrete) -> float | None:
+  """The common value of a concrete, input-independent array whose entries are all
+  equal (known at trace time), else None.
+
+  Such a constant is a scalar for the kernel: as a literal it keeps phi free of
+  location constants, so closed forms still apply (an eval-mode BatchNorm then
+  costs what a scale and a bias cost, not a per-location quadrature).
+  """
+  if v.batch_axis is not None or isinstance(v.v1, jax.core.Tracer) or np.size(v.v1) == 0:
+    return None
+  try:
+    arr = np.asarray(v.v1)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+  if not np.issubdtype(arr.dtype, np.number):
+    return None
+  first = arr.reshape(-1)[0]
+  return float(first) if np.all(arr == first) else None
 
 
 def _scaled(ref: ParamRef, factor) -> ParamRef:
@@ -106,6 +140,10 @@ def elementwise_rule(interp, eqn, invals):
       # A constant known to be the same everywhere (jnp.zeros_like(x), a
       # broadcast literal) is a scalar too, whatever its shape.
       uniform = np.size(v.v1) > 0 and len(v.const_axes) == jnp.ndim(v.v1)
+      if not (scalar_like or uniform) and _uniform_constant(v) is not None:
+        # An input-independent constant with equal entries (BatchNorm's running
+        # mean at its initial value): a scalar too.
+        scalar_like = jnp.ndim(v.v1) <= len(template.axes)
       if scalar_like or uniform:
         # Keep literals as numpy values: a jnp value would be staged into the
         # surrounding jit trace and block closed-form recognition.

@@ -46,7 +46,7 @@ def materialize(interp: Interpreter, eqn, field: Field) -> Root:
   if cached is not None:
     return cached[2]
   try:
-    root = ew.materialize(field.root, field.expr, interp.full, interp.points)
+    root = ew.materialize(field.root, field.expr, interp.full, interp.points, interp.same_batch)
     interp.materialized[key] = (field.root, field.expr, root)  # keeps the ids alive
     return root
   except ew.NotGaussianError:
@@ -112,14 +112,18 @@ def _new_root(nngp, ntk, var1, var2, spatial, channels) -> Root:
 def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spatial, channels):
   """Applies nngp' = v C M and ntk' = v C ntk + g C M (C = `width`)."""
   factor = variance * width
-  return _new_root(factor * root_in.nngp, factor * root_in.ntk + grad * width * root_in.nngp,
+  ntk = grad * width * root_in.nngp
+  if root_in.ntk is not None:  # None: an input's moments (no parameter before them)
+    ntk = factor * root_in.ntk + ntk
+  return _new_root(factor * root_in.nngp, ntk,
                    factor * root_in.var1, factor * root_in.var2, spatial, channels)
 
 
 def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype):
   """Second moments of a concrete input, summed over its contracted axes.
 
-  Returns a pseudo-root whose 'positions' are the free non-batch axes.
+  Returns a pseudo-root whose 'positions' are the free non-batch axes, with
+  `ntk=None` (no parameter before the input).
   """
   def arrange(x):
     x = jnp.asarray(x, dtype)
@@ -127,7 +131,8 @@ def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype)
     k = int(np.prod(x.shape[1 + len(free):]))
     return x.reshape(x.shape[:1 + len(free)] + (k,))
 
-  a, b = arrange(x1), arrange(x2)
+  a = arrange(x1)
+  b = a if x2 is x1 else arrange(x2)  # x2=None: one input moment
   d = len(free)
   letters = "defghijklm"[:d]
   primed = "nopqrstuvw"[:d]
@@ -138,8 +143,9 @@ def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype)
     pair = f"a{letters}z,b{letters}z->ab{letters}"
     single = f"a{letters}z,a{letters}z->a{letters}"
   nngp = jnp.einsum(pair, a, b)
-  return Root(nngp=nngp, ntk=jnp.zeros_like(nngp), var1=jnp.einsum(single, a, a),
-              var2=jnp.einsum(single, b, b), mean1=None, mean2=None,
+  var1 = jnp.einsum(single, a, a)
+  var2 = var1 if b is a else jnp.einsum(single, b, b)
+  return Root(nngp=nngp, ntk=None, var1=var1, var2=var2, mean1=None, mean2=None,
               spatial=tuple(a.shape[1:1 + d]), channels=1, gaussian=False, origins=frozenset())
 
 

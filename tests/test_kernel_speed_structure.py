@@ -1,0 +1,140 @@
+"""Structure of the compiled kernel computation (cost that cannot regress) and x2=None.
+
+* The XLA cost analysis of a conv stack's kernel: transcendental operations grow
+  linearly with depth (each layer's nonlinearity evaluated once per moment entry, not
+  once per window tap and compounded over the layers, as when window sums were sums
+  of shifted slices).
+* An eval-mode BatchNorm costs what a scale costs (no quadrature) and gives the same
+  kernel as the equivalent constant scale.
+* x2=None: exactly symmetric kernels, and correlation exactly 1 on the diagonal, so a
+  float32 ReLU NTK matches the float64 one to 1e-5 (the clipped 1 - eps correlation
+  gave 3e-4 per layer).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.nn.initializers import variance_scaling
+
+import infinite_modules as im
+
+
+def _he():
+  return variance_scaling(2.0, "fan_in", "normal")
+
+
+class ConvStack(nn.Module):
+  depth: int
+  pool: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", kernel_init=_he(), use_bias=False)(x))
+    x = x.mean((1, 2)) if self.pool else x.reshape(x.shape[0], -1)
+    return nn.Dense(1, kernel_init=_he(), use_bias=False)(x)
+
+
+def _compiled(kf, x):
+  return jax.jit(lambda a: kf(a, None, get=("nngp", "ntk"))).lower(x).compile()
+
+
+def _cost(kf, x) -> dict:
+  cost = _compiled(kf, x).cost_analysis()
+  return cost[0] if isinstance(cost, list) else cost
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["flatten", "pooled"])
+def test_transcendentals_grow_linearly_with_depth(pool):
+  # Every conv block adds the same work: equal increments. Each layer's nonlinearity
+  # fused into the next window sum's taps made them grow (2376, 10692, 22464 for the
+  # flatten stack: increments 8316, 11772; now 1188, 1188).
+  x = np.random.RandomState(0).randn(3, 6, 6, 2).astype(np.float32)
+  counts = [_cost(im.kernel_fn(ConvStack(depth, pool), x[:1]), x)["transcendentals"]
+            for depth in (1, 2, 3)]
+  first, second = counts[1] - counts[0], counts[2] - counts[1]
+  assert 0 < second <= 1.05 * first, counts
+
+
+class BatchNormNet(nn.Module):
+  batch_norm: bool
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3), kernel_init=_he())(x)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=True, epsilon=1e-5)(x)
+    else:  # BatchNorm at its initial running statistics (mean 0, variance 1)
+      x = x / jnp.sqrt(1.0 + 1e-5)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(8, (3, 3), kernel_init=_he())(x))
+    return nn.Dense(1, kernel_init=_he())(x.mean((1, 2)))
+
+
+def test_eval_batch_norm_costs_a_scale():
+  x = np.random.RandomState(1).randn(2, 6, 6, 2).astype(np.float32)
+  compiled = [_compiled(im.kernel_fn(BatchNormNet(bn), x[:1]), x) for bn in (True, False)]
+  costs = [c.cost_analysis() for c in compiled]
+  ops = [(c[0] if isinstance(c, list) else c)["transcendentals"] for c in costs]
+  # A per-location quadrature of the relu multiplies this by ~100.
+  assert ops[0] <= 1.2 * ops[1], ops
+  (nngp_bn, ntk_bn), (nngp, ntk) = (f(x) for f in compiled)
+  np.testing.assert_allclose(nngp_bn, nngp, rtol=1e-5)
+  np.testing.assert_allclose(ntk_bn, ntk, rtol=1e-5)
+
+
+class TanhMLP(nn.Module):
+  depth: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = jnp.tanh(nn.Dense(64, kernel_init=variance_scaling(1.5, "fan_in", "normal"),
+                            bias_init=nn.initializers.normal(0.1))(x))
+    return nn.Dense(1)(x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_x2_none_exactly_symmetric(dtype):
+  # tanh uses Gauss-Hermite quadrature with the two sides of a pair in different
+  # roles (outer / inner variable): both triangles are computed, they differ by rounding.
+  x = np.random.RandomState(2).randn(7, 5).astype(dtype)
+  with jax.enable_x64(dtype == np.float64):
+    kf = im.kernel_fn(TanhMLP(), x[:1])
+    k = kf(x, None)
+    for name in ("nngp", "ntk"):
+      arr = np.asarray(getattr(k, name))
+      assert arr.dtype == dtype
+      np.testing.assert_array_equal(arr, arr.T, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(k.cov1), np.asarray(k.cov2))
+    # ...and equal to the mean of the general two-batch computation's triangles.
+    general = np.asarray(kf(x, x + 0.0).ntk)
+    np.testing.assert_allclose(k.ntk, (general + general.T) / 2,
+                               rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+class ReluMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(3):
+      x = nn.relu(nn.Dense(512, kernel_init=_he(), use_bias=False)(x))
+    return nn.Dense(1, kernel_init=_he(), use_bias=False)(x)
+
+
+def test_float32_relu_ntk_diagonal_matches_float64():
+  # The fcn benchmark workload, smaller: the diagonal's correlation is 1 exactly, so
+  # arccos does not turn float32 rounding (1 - eps) into sqrt(eps).
+  x = np.random.RandomState(3).randn(16, 64)
+  kf = im.kernel_fn(ReluMLP(), x[:1].astype(np.float32))
+  k32 = kf(x.astype(np.float32), None)
+  with jax.enable_x64(True):
+    k64 = im.kernel_fn(ReluMLP(), x[:1])(x, None)
+  for name in ("nngp", "ntk"):
+    ref = np.asarray(getattr(k64, name))
+    err = np.max(np.abs(np.asarray(getattr(k32, name), np.float64) - ref)) / np.max(np.abs(ref))
+    assert err < 1e-5, (name, err)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from infinite_modules.api import KernelFn
 from infinite_modules.batching import outputs
 from infinite_modules.batching.dispatch import DIAGONAL, OFF, EagerTiles, ShardedTiles, TileCall
 from infinite_modules.batching.tiles import TilePlan, digest, num_examples
@@ -131,9 +130,10 @@ class _Run:
       ledger = outputs.TileLedger(store.base, identity, plan.grid, process)
       resumed = ledger.load()
     done = ledger.done if ledger is not None else np.zeros(plan.grid, bool)
-    # A KernelFn computes kernel_fn(x, None) as kernel_fn(x, x): its diagonal tiles share
-    # the off-diagonal tiles' compiled function. Others (empirical kernels) reuse work.
-    diagonal = symmetric and not isinstance(self.kernel_fn, KernelFn)
+    # Diagonal tiles are kernel_fn(x, None): a KernelFn then sets the correlation of each
+    # point with itself to exactly 1 (as the unbatched x2=None kernel does); empirical
+    # kernels reuse work.
+    diagonal = symmetric
 
     def kind(tile):
       return DIAGONAL if diagonal and tile[0] == tile[1] else OFF

@@ -429,8 +429,7 @@ def materialize(root: Root, expr, full: bool, points: int) -> Root:
   # phi(z) is no longer Gaussian; its pair laws are built only if a later
   # nonlinearity needs them (a post-activation residual sum).
   return pairlaw.attach(
-      out, lambda: pairlaw.law_of(root, full).map(
-          lambda m, _: pairlaw.push(m, f, f, gs, gs)).compress())
+      out, lambda: pairlaw.law_of(root, full).push(f, gs).compress())
 
 
 def _law_side(expr):
@@ -446,7 +445,7 @@ def _materialize_from_law(root: Root, expr, full: bool) -> Root:
   entry's law; the pushed-forward laws are kept for the next nonlinearity."""
   d = len(root.spatial)
   f, gs = _law_side(expr)
-  pushed = pairlaw.law_of(root, full).map(lambda m, _: pairlaw.push(m, f, f, gs, gs))
+  pushed = pairlaw.law_of(root, full).push(f, gs)
   out = dataclasses.replace(
       root, nngp=pushed.nngp.second_moment(), ntk=pushed.nngp.tangent(),
       var1=pushed.var1.second_moment(), var2=pushed.var2.second_moment(),

@@ -69,6 +69,7 @@ _LINE = 1e-4
 _SPAN = 3.0
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class Mixture:
   """Law of (u_A, u_B) at each entry of one moment array (entry shape E).

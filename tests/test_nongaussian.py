@@ -51,21 +51,27 @@ def test_push_of_gaussian_matches_piecewise_quadrature(x64):
   (perfectly) correlated pairs included."""
   relu = jax.nn.relu
   step = lambda t: (t > 0).astype(t.dtype)
-  c, va, vb, ma, mb = (jnp.asarray(v, jnp.float64) for v in zip(*PAIRS))  # all pairs at once
-  law = pairlaw.push(pairlaw.gaussian(c, va, vb, ma, mb, 0.7 * jnp.ones_like(c)), relu, relu,
-                     RELU_SWITCH, RELU_SWITCH)
-  zero = jnp.zeros((len(PAIRS), 1))
-  want = ex.pair_expectation_piecewise(relu, relu, c, va, vb, ma, mb, zero, zero)
-  want_t = 0.7 * ex.pair_expectation_piecewise(step, step, c, va, vb, ma, mb, zero, zero)
-  np.testing.assert_allclose(law.second_moment(), want, rtol=1e-4)
-  np.testing.assert_allclose(law.tangent(), want_t, rtol=1e-4)
+  args = [jnp.asarray(v, jnp.float64) for v in zip(*PAIRS)]  # all pairs at once
+
+  @jax.jit
+  def both(c, va, vb, ma, mb):
+    law = pairlaw.push(pairlaw.gaussian(c, va, vb, ma, mb, 0.7 * jnp.ones_like(c)), relu, relu,
+                       RELU_SWITCH, RELU_SWITCH)
+    zero = jnp.zeros((len(PAIRS), 1))
+    want = ex.pair_expectation_piecewise(relu, relu, c, va, vb, ma, mb, zero, zero)
+    want_t = 0.7 * ex.pair_expectation_piecewise(step, step, c, va, vb, ma, mb, zero, zero)
+    return law.second_moment(), want, law.tangent(), want_t
+
+  got, want, got_t, want_t = both(*args)
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  np.testing.assert_allclose(got_t, want_t, rtol=1e-4)
 
 
 def test_compress_keeps_weight_means_second_moments_and_tangent(x64):
   relu = jax.nn.relu
-  law = pairlaw.push(_gaussian(0.4, 1.0, 0.8, 0.1, -0.3, theta=1.0), relu, relu, RELU_SWITCH,
-                     RELU_SWITCH)
-  small = pairlaw.compress(law, grid=6)
+  law = jax.jit(lambda: pairlaw.push(_gaussian(0.4, 1.0, 0.8, 0.1, -0.3, theta=1.0), relu, relu,
+                                     RELU_SWITCH, RELU_SWITCH))()
+  small = jax.jit(lambda m: pairlaw.compress(m, grid=6))(law)
   assert small.size == 36 < law.size
   np.testing.assert_allclose(jnp.sum(small.w), jnp.sum(law.w), rtol=1e-9)
   np.testing.assert_allclose(small.mean_a(), law.mean_a(), rtol=1e-9)
@@ -81,9 +87,15 @@ def test_law_on_a_line_keeps_all_cells(x64):
   """The law of a field at one point with itself (var arrays, equal inputs) lies on a
   line: its cells are spent along it, so relu(relu(g) + y) is accurate there too."""
   relu = jax.nn.relu
-  law = pairlaw.push(_gaussian(1.0, 1.0, 1.0, 0.0, 0.0), relu, relu, RELU_SWITCH, RELU_SWITCH)
-  out = pairlaw.push(pairlaw.add(law, _gaussian(0.6, 0.6, 0.6, 0.0, 0.0)), relu, relu,
-                     RELU_SWITCH, RELU_SWITCH)
+
+
+  @jax.jit
+  def chain():
+    law = pairlaw.push(_gaussian(1.0, 1.0, 1.0, 0.0, 0.0), relu, relu, RELU_SWITCH, RELU_SWITCH)
+    return pairlaw.push(pairlaw.add(law, _gaussian(0.6, 0.6, 0.6, 0.0, 0.0)), relu, relu,
+                        RELU_SWITCH, RELU_SWITCH)
+
+  out = chain()
   # E[relu(relu(g) + y)^2], g ~ N(0, 1), y ~ N(0, 0.6): 0.15 + int_0^inf phi(m) h(m) dm with
   # h(m) = (m^2 + s^2) Phi(m / s) + m s phi(m / s) (1-D adaptive quadrature, scipy).
   np.testing.assert_allclose(out.second_moment(), 0.905453138114367, rtol=5e-4)

@@ -147,8 +147,8 @@ def _rule(breaks, dtype):
   breaks = jnp.where(jnp.isfinite(breaks), jnp.clip(breaks, -lim, lim), lim)
   edges = jnp.broadcast_to(jnp.asarray(PIECE_EDGES, dtype), breaks.shape[:-1] + (len(PIECE_EDGES),))
   for k in range(breaks.shape[-1]):
-    edges = ex._insert(edges, breaks[..., k:k + 1].astype(dtype))  # noqa: SLF001
-  g, w = (jnp.asarray(t, dtype) for t in ex._legendre(PIECE_POINTS))  # noqa: SLF001
+    edges = ex._insert(edges, breaks[..., k:k + 1].astype(dtype))
+  g, w = (jnp.asarray(t, dtype) for t in ex._legendre(PIECE_POINTS))
   lo, hi = edges[..., :-1, None], edges[..., 1:, None]
   half = (hi - lo) / 2
   x = lo + half * (g + 1)
@@ -178,7 +178,7 @@ def _roots(switches, centre, scale, dtype):
   if not found:
     return jnp.zeros(centre.shape + (0,), dtype)
   roots = jnp.concatenate(found, axis=-1)
-  return ex._standardize(roots, centre, scale)  # noqa: SLF001
+  return ex._standardize(roots, centre, scale)
 
 
 def push(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=()) -> Mixture:
@@ -194,7 +194,7 @@ def push(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=()) -
   on arrays of shape E + (K, ...) (location-independent phi).
   """
   dtype = jnp.result_type(x.a)
-  sa, slope, resid = ex._conditional(x.c, x.va, x.vb)  # noqa: SLF001  (shared parametrization)
+  sa, slope, resid = ex._conditional(x.c, x.va, x.vb)
   ek = lambda v: jnp.broadcast_to(jnp.asarray(v)[..., None], x.a.shape)
   sa, slope, resid = ek(sa), ek(slope), ek(resid)
   # X: fa's kinks, and fb's kinks as seen through X (the inner integral inherits
@@ -292,18 +292,18 @@ class PairLaw:
   var1: Mixture
   var2: Mixture
 
-  def map(self, fn: Callable[[Mixture, str], Mixture]) -> "PairLaw":
+  def map(self, fn: Callable[[Mixture, str], Mixture]) -> PairLaw:
     return PairLaw(fn(self.nngp, "nngp"), fn(self.var1, "var1"), fn(self.var2, "var2"))
 
-  def compress(self) -> "PairLaw":
+  def compress(self) -> PairLaw:
     """All three laws compressed (in one pass, see `stacked`)."""
     return self.stacked(compress)
 
-  def push(self, f: Callable, switches=()) -> "PairLaw":
+  def push(self, f: Callable, switches=()) -> PairLaw:
     """The laws of phi(z), phi = f (location-independent) with its switches, uncompressed."""
     return self.stacked(lambda m: push(m, f, f, switches, switches))
 
-  def stacked(self, fn: Callable[[Mixture], Mixture]) -> "PairLaw":
+  def stacked(self, fn: Callable[[Mixture], Mixture]) -> PairLaw:
     """Applies `fn` to the three laws at once: their entries are stacked into one
     mixture (with zero tangents for var1 / var2), so the program is traced and
     compiled once instead of three times."""
@@ -322,7 +322,8 @@ class PairLaw:
     for m in parts:
       shape = m.a.shape[:-1]
       stop = start + int(np.prod(shape))
-      take = lambda v: v[start:stop].reshape(shape + v.shape[1:])
+      take = lambda v, start=start, stop=stop, shape=shape: v[start:stop].reshape(
+          shape + v.shape[1:])
       tangent = m.t is not None
       out.append(Mixture(take(merged.a), take(merged.b), take(merged.w), take(merged.va),
                          take(merged.vb), take(merged.c), take(merged.t) if tangent else None,

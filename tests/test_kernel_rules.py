@@ -606,7 +606,7 @@ def test_get_variants(relu_model, x64):
 def test_kernel_is_a_pytree(relu_model, x64):
   k = im.kernel_fn(relu_model, X1[:1])(X1, X2)
   leaves = jax.tree_util.tree_leaves(k)
-  assert len(leaves) == 4
+  assert len(leaves) == 5  # nngp, ntk, cov1, cov2 and the error bound of estimated steps
   doubled = jax.tree_util.tree_map(lambda a: 2 * a, k)
   np.testing.assert_allclose(doubled.nngp, 2 * k.nngp)
   assert doubled.shape1 == k.shape1

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import expectations as ex
+from infinite_modules import pairlaw
 from infinite_modules.moments import diag_of, pair_broadcast, same_point
 from infinite_modules.values import Root
 
@@ -355,7 +356,7 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
     # Decided from the structure, not the values (which are traced under jit):
     # a zero-mean Gaussian stays zero-mean under a linear map, keeping closed forms.
     has_mean = root.mean1 is not None or not is_linear(expr)
-    return dataclasses.replace(
+    out = dataclasses.replace(
         root,
         nngp=second(root.nngp, s1, s2, m1, m2, True),
         ntk=grad(root.ntk, alpha1, alpha2, True),
@@ -363,10 +364,23 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
         var2=second(root.var2, s2, s2, m2, m2, False),
         mean1=alpha1 * m1 + beta1 if has_mean else None,
         mean2=alpha2 * m2 + beta2 if has_mean else None,
-        gathered_from=None)
+        gathered_from=None, law=None)
+    if root.gaussian or not pairlaw.known(root):
+      return out
+    coefficients = {"nngp": (s1, s2, True), "var1": (s1, s1, False), "var2": (s2, s2, False)}
+
+    def affine_law(m, name):
+      (alpha_a, beta_a), (alpha_b, beta_b), pair = coefficients[name]
+      (aa, ab), (ba, bb) = (pair_broadcast(alpha_a, alpha_b, d, full, pair),
+                            pair_broadcast(beta_a, beta_b, d, full, pair))
+      return pairlaw.affine(m, aa, ba, ab, bb)
+
+    return pairlaw.attach(out, lambda: pairlaw.law_of(root, full).map(affine_law))
 
   if not root.gaussian:
-    raise NotGaussianError()
+    if not pairlaw.known(root) or ctx:
+      raise NotGaussianError()
+    return _materialize_from_law(root, expr, full)
 
   split = split_affine(expr) if ctx else None
   if split is not None:
@@ -420,9 +434,39 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
       return ex.affine_mean(form, va)
     return _expectation(expr, kinks, cvals, va, ma, points)
 
-  return dataclasses.replace(
+  out = dataclasses.replace(
       root, nngp=nngp, ntk=dk * root.ntk, var1=var1, var2=var2,
-      mean1=mean(v1, m1, ctx1), mean2=mean(v2, m2, ctx2), gaussian=False, gathered_from=None)
+      mean1=mean(v1, m1, ctx1), mean2=mean(v2, m2, ctx2), gaussian=False, gathered_from=None,
+      law=None)
+  if ctx:
+    return out  # pair laws are carried for location-independent phi only
+  f, gs = _law_side(expr)
+  # phi(z) is no longer Gaussian; its pair laws are built only if a later
+  # nonlinearity needs them (a post-activation residual sum).
+  return pairlaw.attach(
+      out, lambda: pairlaw.law_of(root, full).push(f, gs).compress())
+
+
+def _law_side(expr):
+  """phi (location-independent) and its switching functions, as `pairlaw.push` takes them."""
+  f = lambda t: evaluate(expr, t, ())
+  return f, [(lambda t, g=g: evaluate(g, t, ()), mono, is_affine(g))
+             for g, mono in switches(expr)]
+
+
+def _materialize_from_law(root: Root, expr, full: bool) -> Root:
+  """Moments of phi(z) for a non-Gaussian z of known pair laws (see `pairlaw`):
+  E[phi(u_A) phi(u_B)] and E[phi'(u_A) phi'(u_B) T] by quadrature over each
+  entry's law; the pushed-forward laws are kept for the next nonlinearity."""
+  d = len(root.spatial)
+  f, gs = _law_side(expr)
+  pushed = pairlaw.law_of(root, full).push(f, gs)
+  out = dataclasses.replace(
+      root, nngp=pushed.nngp.second_moment(), ntk=pushed.nngp.tangent(),
+      var1=pushed.var1.second_moment(), var2=pushed.var2.second_moment(),
+      mean1=diag_of(pushed.var1.mean_a(), d, full), mean2=diag_of(pushed.var2.mean_a(), d, full),
+      gaussian=False, gathered_from=None, law=None)
+  return pairlaw.attach(out, pushed.compress)
 
 
 def _closed_form(expr, kinks, dtype):
@@ -503,7 +547,13 @@ def means(root: Root, expr, full: bool, points: int):
       out.append(alpha * m + beta)
       continue
     if not root.gaussian:
-      raise NotGaussianError()
+      if not pairlaw.known(root) or nodes:
+        raise NotGaussianError()
+      f, gs = _law_side(expr)
+      law = pairlaw.law_of(root, full)
+      out.append(diag_of(pairlaw.push(law.var1 if side == 0 else law.var2, f, f, gs, gs)
+                         .mean_a(), d, full))
+      continue
     v = diag_of(var, d, full) - m * m
     out.append(_expectation(expr, switches(expr), cvals, v, m, points))
   return tuple(out)

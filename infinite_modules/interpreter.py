@@ -104,7 +104,7 @@ class Interpreter:
   estimates: list = dataclasses.field(default_factory=list)
   error: object = 0.0
 
-  def record_estimate(self, eqn: "Eqn", method: str, error) -> None:
+  def record_estimate(self, eqn: Eqn, method: str, error) -> None:
     """Marks the kernel as estimated at `eqn` with an absolute error bound `error`
     (a scalar, possibly traced) on the kernel entries it affects."""
     from infinite_modules.kernel import Estimate

@@ -32,7 +32,7 @@ class Kernel:
   cov2: jax.Array
   shape1: tuple[int, ...] = dataclasses.field(metadata={"static": True})
   shape2: tuple[int, ...] = dataclasses.field(metadata={"static": True})
-  estimates: tuple["Estimate", ...] = dataclasses.field(default=(), metadata={"static": True})
+  estimates: tuple[Estimate, ...] = dataclasses.field(default=(), metadata={"static": True})
   error: jax.Array | float = 0.0
 
   @property

@@ -101,6 +101,9 @@ class Root:
       width-weighted average, exact only for consumers symmetric in the
       channels (dense layers, sums over channels), not for ones that pick a
       subset of channels (channel slices, grouped convolutions, GroupNorm).
+    law: for a non-Gaussian z, its pair laws (`pairlaw.LazyLaw`, tied to these
+      moment arrays) when they are tracked, so nonlinearities of z have a
+      kernel; None otherwise. Ask `pairlaw.law_of(root)`, not this attribute.
   """
   nngp: jax.Array
   ntk: jax.Array
@@ -114,6 +117,7 @@ class Root:
   origins: frozenset
   gathered_from: Any = None
   homogeneous: bool = True
+  law: Any = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

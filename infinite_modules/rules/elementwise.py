@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import elementwise as ew
+from infinite_modules import pairlaw
 from infinite_modules.errors import NOT_GAUSSIAN_HINT, NOT_GAUSSIAN_WHY
 from infinite_modules.interpreter import RULES, concrete_scalar
 from infinite_modules.rules import linear
@@ -161,7 +162,7 @@ def elementwise_rule(interp, eqn, invals):
     # from bool/int (a mask h > 0) stay in phi, evaluated in the kernel's dtype.
     return [template]
   expr = ew.node(eqn.primitive, eqn.params, args)
-  if not template.root.gaussian and not ew.is_affine(expr):
+  if not pairlaw.known(template.root) and not ew.is_affine(expr):
     # Raised here rather than where phi is materialized, so the message names
     # the nonlinearity's module, not its consumer's.
     raise eqn.error(NOT_GAUSSIAN_WHY, NOT_GAUSSIAN_HINT)

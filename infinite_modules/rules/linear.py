@@ -18,6 +18,7 @@ import numpy as np
 
 from infinite_modules import elementwise as ew
 from infinite_modules import moments as mo
+from infinite_modules import pairlaw
 from infinite_modules.errors import NOT_GAUSSIAN_HINT, NOT_GAUSSIAN_WHY
 from infinite_modules.interpreter import RULES, Interpreter
 from infinite_modules.rules.axes import to_location
@@ -506,7 +507,17 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
       mean1=ma1 + mb1 if has_mean else None, mean2=ma2 + mb2 if has_mean else None,
       spatial=ra.spatial, channels=ra.channels, gaussian=ra.gaussian and rb.gaussian,
       origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous)
+  if not root.gaussian and pairlaw.known(ra) and pairlaw.known(rb):
+    # A post-activation residual stream: carry the pair laws of the sum, so a
+    # nonlinearity of it has a kernel (`pairlaw`).
+    root = pairlaw.attach(root, lambda: _sum_law(ra, rb, full, sign))
   return Field(root, a.axes)
+
+
+def _sum_law(ra: Root, rb: Root, full: bool, sign: float):
+  la, lb = pairlaw.law_of(ra, full), pairlaw.law_of(rb, full)
+  return pairlaw.PairLaw(*(pairlaw.add(x, y, sign) for x, y in
+                           ((la.nngp, lb.nngp), (la.var1, lb.var1), (la.var2, lb.var2))))
 
 
 RULES["dot_general"] = dot_general_rule

@@ -19,6 +19,7 @@ import pytest
 
 import infinite_modules as im
 from infinite_modules import expectations as ex
+from infinite_modules import elementwise as ew
 
 
 @pytest.fixture
@@ -85,6 +86,7 @@ def test_float32_relu_keeps_closed_form_with_x64(x64, monkeypatch):
   x = _inputs(np.float32)
   seen = []
   original = ex.recognize
+  monkeypatch.setattr(ew, "_CLOSED_FORMS", {})  # recognition is memoized per phi and dtype
   monkeypatch.setattr(ex, "recognize", lambda phi, dtype: seen.append(original(phi, dtype))
                       or seen[-1])
   im.kernel_fn(MLP(nn.relu, depth=1), x[:1])(x, None, get="ntk")

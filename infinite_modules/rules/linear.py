@@ -48,10 +48,28 @@ def materialize(interp: Interpreter, eqn, field: Field) -> Root:
     return cached[2]
   try:
     root = ew.materialize(field.root, field.expr, interp.full, interp.points, interp.same_batch)
-    interp.materialized[key] = (field.root, field.expr, root)  # keeps the ids alive
-    return root
   except ew.NotGaussianError:
     raise eqn.error(NOT_GAUSSIAN_WHY, NOT_GAUSSIAN_HINT) from None
+  interp.materialized[key] = (field.root, field.expr, root)  # keeps the ids alive
+  if _through_pair_law(field):
+    interp.record_estimate(eqn, PAIR_LAW_METHOD,
+                           PAIR_LAW_RELATIVE_ERROR * jnp.max(jnp.abs(root.nngp)))
+  return root
+
+
+# The pair-law quadrature of a nonlinearity of a non-Gaussian field (see `pairlaw`)
+# merges each entry's law into GRID x GRID cells: measured against a simulation of
+# the limit with 2e6 channels, relative errors of <= 3e-3 after 3 residual blocks.
+PAIR_LAW_RELATIVE_ERROR = 1e-2
+PAIR_LAW_METHOD = (f"pair-law quadrature of a nonlinearity of a non-Gaussian field "
+                   f"({pairlaw.GRID}x{pairlaw.GRID} cells per entry; measured relative error "
+                   f"<= 3e-3 after 3 residual blocks, stated as {PAIR_LAW_RELATIVE_ERROR:g} of "
+                   "the step's largest second moment)")
+
+
+def _through_pair_law(field: Field) -> bool:
+  """Whether phi(z) of this field is computed from the pair laws of a non-Gaussian z."""
+  return not field.root.gaussian and not ew.is_affine(field.expr) and pairlaw.known(field.root)
 
 
 def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]):

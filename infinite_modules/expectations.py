@@ -343,16 +343,18 @@ def _bits(dtype) -> int:
   return 64 if jnp.finfo(dtype).bits > 32 else 32
 
 
-def _standard_normal_rule(breaks, dtype):
+def standard_normal_rule(breaks, dtype, edges=None, points=None):
   """Nodes and weights (shape `breaks.shape[:-1] + (N,)`) for E[g(xi)], xi ~ N(0, 1),
-  exact for g smooth between consecutive `breaks` (standardized; non-finite = none)."""
-  lim = _LIMIT
+  exact for g smooth between consecutive `breaks` (standardized; non-finite = none):
+  Gauss-Legendre with `points` per piece between the fixed `edges` (default: per
+  dtype) and the breaks, within +- edges[-1]."""
+  edges = PIECE_EDGES[_bits(dtype)] if edges is None else edges
+  points = PIECE_POINTS[_bits(dtype)] if points is None else points
+  lim = edges[-1]
   breaks = jnp.where(jnp.isfinite(breaks), jnp.clip(breaks, -lim, lim), lim)
-  edges = PIECE_EDGES[_bits(dtype)]
   edges = jnp.broadcast_to(jnp.asarray(edges, dtype), breaks.shape[:-1] + (len(edges),))
   for k in range(breaks.shape[-1]):
     edges = _insert(edges, breaks[..., k:k + 1].astype(dtype))
-  points = PIECE_POINTS[_bits(dtype)]
   g, w = (jnp.asarray(t, dtype) for t in _legendre(points))
   lo, hi = edges[..., :-1, None], edges[..., 1:, None]
   half = (hi - lo) / 2
@@ -448,13 +450,13 @@ def pair_expectation_piecewise(fa: Callable, fb: Callable, c, va, vb, ma, mb, br
   outer_breaks = jnp.concatenate(
       [_standardize(breaks_a, ma, sa), inherited]
       + [inherited + k * width for k in _SMOOTHED_KINK_EDGES[_bits(dtype)]], axis=-1)
-  xs, wxs = _standard_normal_rule(outer_breaks, dtype)
+  xs, wxs = standard_normal_rule(outer_breaks, dtype)
 
   def one_outer(total, node):
     x, wx = node
     u = (ma + sa * x)[..., None]
     centre = mb + slope * x
-    ys, wys = _standard_normal_rule(_standardize(breaks_b, centre, resid), dtype)
+    ys, wys = standard_normal_rule(_standardize(breaks_b, centre, resid), dtype)
     inner = jnp.sum(fb(centre[..., None] + resid[..., None] * ys) * wys, axis=-1)
     return total + wx * fa(u)[..., 0] * inner, None
 
@@ -467,7 +469,7 @@ def expectation_piecewise(f: Callable, v, m, breaks):
   """E[f(u)] for u ~ N(m, v), f smooth except at `breaks` (batch + (K,))."""
   dtype = jnp.result_type(v)
   s = safe_sqrt(v)
-  xs, ws = _standard_normal_rule(_standardize(breaks, m, s), dtype)
+  xs, ws = standard_normal_rule(_standardize(breaks, m, s), dtype)
   return jnp.sum(f(jnp.asarray(m)[..., None] + s[..., None] * xs) * ws, axis=-1)
 
 

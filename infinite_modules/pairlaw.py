@@ -143,18 +143,7 @@ def _rule(breaks, dtype):
   """Nodes and weights (shape breaks.shape[:-1] + (N,)) for E[g(xi)], xi ~ N(0, 1), with
   g smooth between consecutive `breaks` (standardized, +inf for none): Gauss-Legendre
   on the pieces between PIECE_EDGES and the breaks, within +- PIECE_EDGES[-1]."""
-  lim = PIECE_EDGES[-1]
-  breaks = jnp.where(jnp.isfinite(breaks), jnp.clip(breaks, -lim, lim), lim)
-  edges = jnp.broadcast_to(jnp.asarray(PIECE_EDGES, dtype), breaks.shape[:-1] + (len(PIECE_EDGES),))
-  for k in range(breaks.shape[-1]):
-    edges = ex._insert(edges, breaks[..., k:k + 1].astype(dtype))
-  g, w = (jnp.asarray(t, dtype) for t in ex._legendre(PIECE_POINTS))
-  lo, hi = edges[..., :-1, None], edges[..., 1:, None]
-  half = (hi - lo) / 2
-  x = lo + half * (g + 1)
-  weights = half * w * jnp.exp(-x * x / 2) / np.sqrt(2 * np.pi)
-  flat = x.shape[:-2] + (x.shape[-2] * x.shape[-1],)
-  return x.reshape(flat), weights.reshape(flat)
+  return ex.standard_normal_rule(breaks, dtype, PIECE_EDGES, PIECE_POINTS)
 
 
 def _roots(switches, centre, scale, dtype):

@@ -63,7 +63,13 @@ UNSUPPORTED = {
     "dependent_sum_dense": (lambda s, h: h + nn.relu(h + nn.Dense(8)(h)), X, "add",
                             "same random"),
     "batch_statistics": (lambda s, h: (h - h.mean(0)) / h.std(0), X, "reduce_sum", "example"),
-    "product_of_fields": (lambda s, h: h * nn.Dense(8)(h), X, "mul", "different sources"),
+    # Products of independent fields (h * Dense(h)) have a kernel now (tests/test_products.py);
+    # factors that share randomness other than as one function of one field still raise.
+    "dependent_product": (lambda s, h: h * nn.relu(h + _bias(s, h)), X, "mul", "same random"),
+    "overlapping_channel_slices": (lambda s, h: jnp.concatenate([h[:, :4] * h[:, 2:6]] * 2, -1),
+                                   X, "mul", "overlapping channel slices"),
+    "max_of_independent_fields": (lambda s, h: jnp.maximum(h, nn.Dense(8)(h)), X, "max",
+                                  "sums and products"),
     "per_channel_constant": (lambda s, h: h * jnp.arange(1.0, 9.0), X, "mul", "channel"),
     "stop_gradient": (lambda s, h: jax.lax.stop_gradient(h), X, "stop_gradient", ""),
     "depthwise_conv": (lambda s, h: nn.Conv(8, (3, 3), feature_group_count=8)(h), IMG,

@@ -1,3 +1,11 @@
 """Kernel transfer rules, grouped by family. Importing registers them."""
 
-from infinite_modules.rules import control, elementwise, embedding, linear, structural  # noqa: F401
+from infinite_modules.rules import (  # noqa: F401
+    control,
+    elementwise,
+    embedding,
+    linear,
+    products,
+    splits,
+    structural,
+)

@@ -5,6 +5,7 @@
 * Field op Field of the same root: fused into phi as well (x + relu(x)).
 * Field +/- Field of independent roots: sum of independent fields,
   `linear.add_independent`.
+* Field * Field of independent roots: `products.multiply_independent`.
 * Field + ParamRef (bias) and Field * ParamRef (scale): `linear.add_bias`,
   `linear.scale_by_param`.
 * ParamRef times a constant: folded into the ParamRef's factor.
@@ -22,7 +23,7 @@ from infinite_modules import elementwise as ew
 from infinite_modules import pairlaw
 from infinite_modules.errors import NOT_GAUSSIAN_HINT, NOT_GAUSSIAN_WHY
 from infinite_modules.interpreter import RULES, concrete_scalar
-from infinite_modules.rules import linear
+from infinite_modules.rules import linear, products
 from infinite_modules.rules.axes import to_location
 from infinite_modules.values import Concrete, Field, ParamRef
 
@@ -125,8 +126,10 @@ def elementwise_rule(interp, eqn, invals):
     if eqn.name in ("add", "sub") and len(fields) == 2:
       a, b = invals
       return [linear.add_independent(interp, eqn, a, b, -1.0 if eqn.name == "sub" else 1.0)]
-    raise eqn.error("it combines fields from different sources; only their sum is exact "
-                    "(products of fields have no Gaussian kernel rule).")
+    if eqn.name == "mul" and len(fields) == 2:
+      return [products.multiply_independent(interp, eqn, *invals)]
+    raise eqn.error("it combines fields from different sources; only their sums and products "
+                    "are exact.")
   template = fields[0]
   for f in fields[1:]:
     if f.axes != template.axes:

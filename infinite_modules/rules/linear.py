@@ -16,6 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from infinite_modules import channels as ch
 from infinite_modules import elementwise as ew
 from infinite_modules import moments as mo
 from infinite_modules import pairlaw
@@ -490,7 +491,7 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
   """
   ra = materialize(interp, eqn, a)
   rb = materialize(interp, eqn, b)
-  if ra.origins & rb.origins:
+  if ch.shared(ra.origins, rb.origins):
     raise eqn.error(
         "it adds two fields that depend on the same random parameters in different ways "
         "(e.g. z + relu(z + b)); their cross-covariance is not tracked, and assuming "

@@ -15,12 +15,14 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from infinite_modules import channels as ch
 from infinite_modules import elementwise as ew
 from infinite_modules import moments as mo
 from infinite_modules.interpreter import _ALWAYS_RULE, RULES, Interpreter, evaluate_concrete
 from infinite_modules.modules import GROUP_NORM_SCOPE
 from infinite_modules.rules.axes import from_location
 from infinite_modules.rules.linear import materialize
+from infinite_modules.rules.splits import channel_piece, reassembled
 from infinite_modules.values import (
     Concrete,
     Field,
@@ -369,13 +371,7 @@ def slice_rule(interp, eqn, invals):
     if atoms == ("c",):
       if stride != 1:
         raise eqn.error("strided channel slices are not supported.")
-      if not out.root.homogeneous:
-        raise eqn.error(
-            "it slices the channels of a channel concatenation of different fields; which "
-            "of them the slice holds is not tracked.",
-            "Slice the fields before concatenating them.")
-      root = materialize(interp, eqn, out)
-      out = Field(dataclasses.replace(root, channels=limit - start, gathered_from=None), out.axes)
+      out = channel_piece(interp, eqn, out, start, limit)
       continue
     out = _gather_field(interp, eqn, out, i, np.arange(start, limit, stride))
   return [out]
@@ -466,8 +462,14 @@ def _same_index(a, b) -> bool:
 
 
 def _concat_channels(interp, eqn, fields) -> Field:
-  """Channel concatenation: per-channel moments are the width-weighted average."""
+  """Channel concatenation: per-channel moments are the width-weighted average.
+
+  Consecutive channel pieces of one field, in order, give that field back.
+  """
   from infinite_modules.rules.linear import _spatial_correspondence
+  whole = reassembled(interp, fields)
+  if whole is not None:
+    return whole
   roots = []
   for f in fields:
     r = materialize(interp, eqn, f)
@@ -484,7 +486,8 @@ def _concat_channels(interp, eqn, fields) -> Field:
     return sum(w / total * (getattr(r, name) if getattr(r, name) is not None else 0.0)
                for w, r in zip(widths, roots))
 
-  origins = frozenset().union(*(r.origins for r in roots))
+  # The pieces' channels no longer line up with their sources' channel ranges.
+  origins = ch.widen(frozenset().union(*(r.origins for r in roots)))
   root = Root(nngp=avg("nngp"), ntk=avg("ntk"), var1=avg("var1"), var2=avg("var2"),
               mean1=avg_mean("mean1"), mean2=avg_mean("mean2"), spatial=roots[0].spatial,
               channels=int(total), gaussian=False, origins=origins,

@@ -61,6 +61,48 @@ def is_linear(expr) -> bool:
   return _affine_in_z(expr, constant_terms=False)
 
 
+def is_quadratic(expr) -> bool:
+  """Whether expr is structurally a polynomial of degree <= 2 in z (coefficients free of
+  z, e.g. LayerNorm's (z - mean)**2 or RMSNorm's z * z).
+
+  Its mean needs only the first two moments of z, whatever z's law: the channel
+  statistics of a normalization of a non-Gaussian field are exact (`means`).
+  """
+  memo: dict = {}
+
+  def degree(e) -> float:
+    if not depends_on_z(e, memo):
+      return 0
+    if e[0] == "z":
+      return 1
+    name, params, args = e[1].name, dict(e[2]), e[3]
+    if name in ("add", "sub"):
+      return max(degree(a) for a in args)
+    if name in _AFFINE_PASS:
+      return degree(args[0])
+    if name == "mul":
+      return sum(degree(a) for a in args)
+    if name == "div":
+      return degree(args[0]) if not depends_on_z(args[1], memo) else np.inf
+    if name == "square":
+      return 2 * degree(args[0])
+    if name == "integer_pow" and params.get("y", -1) >= 0:
+      return params["y"] * degree(args[0])
+    return np.inf
+
+  return degree(expr) <= 2
+
+
+def _quadratic_mean(expr, second, mean, ctx_values):
+  """E[expr(z)] for a polynomial expr = a z^2 + b z + c (`is_quadratic`): a E[z^2] + b E[z]
+  + c, the coefficients read off expr at z = 0, 1, -1 (per location)."""
+  dtype = jnp.result_type(second)
+  ones = jnp.ones(jnp.shape(second), dtype)
+  at = lambda t: evaluate(expr, t * ones, ctx_values)
+  c, up, down = at(0.0), at(1.0), at(-1.0)
+  return (0.5 * (up + down) - c) * second + 0.5 * (up - down) * mean + c
+
+
 def _affine_in_z(expr, constant_terms: bool) -> bool:
   memo: dict = {}
 
@@ -378,6 +420,13 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
     return pairlaw.attach(out, lambda: pairlaw.law_of(root, full).map(affine_law))
 
   if not root.gaussian:
+    split = split_affine(expr) if ctx and pairlaw.known(root) else None
+    if split is not None:
+      # phi = F(A(z)) after a normalization: the affine map A (location constants) maps
+      # the pair laws exactly, then F is location-free.
+      f_node, a_node = split
+      return materialize(materialize(root, a_node, full, points, same_batch), f_node, full,
+                         points, same_batch)
     if not pairlaw.known(root) or ctx:
       raise NotGaussianError()
     return _materialize_from_law(root, expr, full)
@@ -545,6 +594,9 @@ def means(root: Root, expr, full: bool, points: int):
       beta = evaluate(expr, jnp.zeros(loc, dtype), cvals)
       alpha = evaluate(expr, jnp.ones(loc, dtype), cvals) - beta
       out.append(alpha * m + beta)
+      continue
+    if not root.gaussian and is_quadratic(expr):
+      out.append(_quadratic_mean(expr, diag_of(var, d, full), m, cvals))
       continue
     if not root.gaussian:
       if not pairlaw.known(root) or nodes:

@@ -209,7 +209,8 @@ def test_gate_times_non_gaussian_field_is_product_of_kernels():
 
   def parts(x):
     h = nn.relu(dense(64, 2.0, 0.2)(x))
-    return nn.sigmoid(dense(64, 2.0, 0.5)(x)), h + dense(64, 1.0)(h)
+    gate = 0.5 * (1.0 + jax.lax.erf(dense(64, 2.0, 0.5)(x)))  # closed form (erf)
+    return gate, h + dense(64, 1.0)(h)
 
   ka, kb = (im.kernel_fn(Net(lambda x, i=i: dense(1)(parts(x)[i])), x1[:1])(x1, x2)
             for i in (0, 1))
@@ -271,3 +272,58 @@ def test_jit_and_float64():
     k64 = kf64(x1.astype(np.float64), x2.astype(np.float64), get="nngp")
     assert k64.dtype == np.float64
   np.testing.assert_allclose(k32, k64, rtol=2e-4)
+
+
+# ------------------------------------------------------------ normalization of non-Gaussian fields
+
+def reglu(x):
+  return nn.relu(dense(WIDTH, 2.0, 0.3)(x)) * dense(WIDTH, 1.0, 0.3)(x)
+
+
+def layernorm_of_reglu(x):
+  """LayerNorm of a product field: over the infinite channel axis its mean and mean square
+  are the product's first and second moments at each point (exact from the moments)."""
+  return nn.LayerNorm()(reglu(x))
+
+
+def relu_of_layernorm_of_stream(x):
+  """relu(LayerNorm(s)) of a post-activation residual stream s: the normalization is a
+  deterministic affine map per point, applied to the stream's pair laws as well."""
+  h = nn.relu(dense(WIDTH, 2.0, 0.2)(x))
+  return nn.relu(nn.LayerNorm()(h + dense(WIDTH, 1.0)(h)))
+
+
+def test_layernorm_and_rmsnorm_of_product_nngp():
+  check_nngp(layernorm_of_reglu, samples=200)
+  x1, x2 = _inputs()
+  rms = im.kernel_fn(readout(lambda x: nn.RMSNorm()(reglu(x))), x1[:1])(x1, x2)
+  # relu(a) * b with b centered: the product has zero mean, so RMSNorm = LayerNorm.
+  ln = im.kernel_fn(readout(layernorm_of_reglu), x1[:1])(x1, x2)
+  np.testing.assert_allclose(rms.nngp, ln.nngp, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(ln.cov1), 1.0, rtol=1e-4)  # normalized per point
+
+
+def test_groupnorm_of_product_equals_layernorm():
+  """GroupNorm's groups are i.i.d. copies: each group's statistics are the same moments."""
+  x1, x2 = _inputs()
+  gn = im.kernel_fn(readout(lambda x: nn.GroupNorm(num_groups=4)(reglu(x))), x1[:1])(x1, x2)
+  ln = im.kernel_fn(readout(layernorm_of_reglu), x1[:1])(x1, x2)
+  np.testing.assert_allclose(gn.nngp, ln.nngp, rtol=1e-5)
+  np.testing.assert_allclose(gn.ntk, ln.ntk, rtol=1e-5)
+
+
+def test_nonlinearity_after_layernorm_of_stream_nngp():
+  check_nngp(relu_of_layernorm_of_stream, samples=200)
+
+
+@pytest.mark.slow
+def test_normalized_non_gaussian_fields_ntk_standard():
+  check_ntk_standard(layernorm_of_reglu)
+  check_ntk_standard(relu_of_layernorm_of_stream)
+
+
+def test_nonlinearity_after_layernorm_of_product_raises():
+  """A product field carries no pair laws: a nonlinearity of it (even normalized) raises."""
+  with pytest.raises(im.UnsupportedPrimitiveError, match="not Gaussian"):
+    im.kernel_fn(readout(lambda x: nn.relu(layernorm_of_reglu(x))), _inputs()[0][:1])(
+        _inputs()[0])

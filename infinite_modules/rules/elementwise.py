@@ -165,9 +165,10 @@ def elementwise_rule(interp, eqn, invals):
     # from bool/int (a mask h > 0) stay in phi, evaluated in the kernel's dtype.
     return [template]
   expr = ew.node(eqn.primitive, eqn.params, args)
-  if not pairlaw.known(template.root) and not ew.is_affine(expr):
+  if not pairlaw.known(template.root) and not (ew.is_affine(expr) or ew.is_quadratic(expr)):
     # Raised here rather than where phi is materialized, so the message names
-    # the nonlinearity's module, not its consumer's.
+    # the nonlinearity's module, not its consumer's. Quadratics stay pending: a
+    # normalization's channel mean of (z - m)**2 needs only the field's moments.
     raise eqn.error(NOT_GAUSSIAN_WHY, NOT_GAUSSIAN_HINT)
   return [Field(template.root, template.axes, expr)]
 

@@ -423,7 +423,26 @@ def add_bias(interp: Interpreter, eqn, field: Field, ref: ParamRef, sign: float)
       mean1=m1 + mu if has_mean else None, mean2=m2 + mu if has_mean else None,
       gaussian=root.gaussian and (ref.prior.gaussian or var == 0),
       origins=root.origins | (new_origin() if var > 0 else frozenset()), gathered_from=None)
+  if var == 0 or ref.prior.gaussian:
+    # A constant or Gaussian bias maps the pair laws of a non-Gaussian field exactly
+    # (a shift, or the sum with an independent Gaussian of covariance v at both points).
+    def shift(m, name):
+      if var == 0:
+        return pairlaw.affine(m, 1.0, mu, 1.0, mu)
+      full_v = jnp.full_like(m.va, var)
+      return pairlaw.add(m, pairlaw.gaussian(full_v, full_v, full_v, mu, mu,
+                                             None if m.theta is None else grad))
+    new = _carry_law(root, new, shift, full)
   return Field(new, field.axes)
+
+
+def _carry_law(old: Root, new: Root, fn, full: bool) -> Root:
+  """`new` with the pair laws of `old` mapped by `fn(mixture, name)`, where `old` is a
+  non-Gaussian field of known laws (a residual stream through a normalization's scale
+  and bias), so that a nonlinearity after it still has a kernel."""
+  if old.gaussian or new.gaussian or not pairlaw.known(old):
+    return new
+  return pairlaw.attach(new, lambda: pairlaw.law_of(old, full).map(fn))
 
 
 def scale_by_param(interp: Interpreter, eqn, field: Field, ref: ParamRef) -> Field:
@@ -449,6 +468,8 @@ def scale_by_param(interp: Interpreter, eqn, field: Field, ref: ParamRef) -> Fie
       mean2=None if root.mean2 is None else mu * root.mean2,
       gaussian=root.gaussian and var == 0,
       origins=root.origins | (new_origin() if var > 0 else frozenset()), gathered_from=None)
+  if var == 0:  # a constant scale (LayerNorm's at initialization) maps the pair laws exactly
+    new = _carry_law(root, new, lambda m, _: pairlaw.affine(m, mu, 0.0, mu, 0.0), interp.full)
   return Field(new, field.axes)
 
 

@@ -88,7 +88,8 @@ def reassembled(interp, fields) -> Field | None:
   first = fields[0]
   pieces = []
   for f in fields:
-    if f.expr is not first.expr or f.axes != first.axes or f.ctx != first.ctx:
+    same_ctx = len(f.ctx) == len(first.ctx) and all(a is b for a, b in zip(f.ctx, first.ctx))
+    if f.expr is not first.expr or f.axes != first.axes or not same_ctx:
       return None
     pieces.append(_base_range(interp, f.root))
   base = pieces[0][0]

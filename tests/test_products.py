@@ -327,3 +327,26 @@ def test_nonlinearity_after_layernorm_of_product_raises():
   with pytest.raises(im.UnsupportedPrimitiveError, match="not Gaussian"):
     im.kernel_fn(readout(lambda x: nn.relu(layernorm_of_reglu(x))), _inputs()[0][:1])(
         _inputs()[0])
+
+
+class _WithBias(nn.Module):
+  """relu(stream + b) with a random Gaussian bias b added after (`late`) or inside the branch."""
+  late: bool
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(dense(64, 2.0, 0.2)(x))
+    b = self.param("b", jinit.normal(0.7), (64,))
+    s = h + dense(64)(h) + b if self.late else h + (dense(64)(h) + b)
+    return dense(1)(nn.relu(s))
+
+
+@pytest.mark.slow  # two pair-law compilations (~20 s)
+def test_gaussian_bias_on_a_stream_maps_its_pair_laws():
+  """A Gaussian bias added to a non-Gaussian stream is an independent Gaussian summand: the
+  same kernel as with the bias inside the (Gaussian) branch."""
+  x1, x2 = _inputs()
+  late = im.kernel_fn(_WithBias(True), x1[:1])(x1, x2)
+  early = im.kernel_fn(_WithBias(False), x1[:1])(x1, x2)
+  np.testing.assert_allclose(late.nngp, early.nngp, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(late.ntk, early.ntk, rtol=1e-5, atol=1e-7)

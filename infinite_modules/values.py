@@ -92,7 +92,9 @@ class Root:
     channels: traced size of the channel axis.
     gaussian: whether z is jointly Gaussian (across inputs and positions).
     origins: tokens of the independent random sources z depends on; roots
-      with disjoint origins are independent.
+      with disjoint origins are independent. A channel range of a field also
+      holds `channels.Part`s (which channels of each source it has): ask
+      `channels.shared` whether two roots are dependent.
     gathered_from: (parent Root, index arrays per spatial dim) when this root
       is a gather (slice/pad/concat) of another, so gathers of one field can
       be concatenated (circular padding).

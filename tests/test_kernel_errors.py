@@ -63,7 +63,8 @@ UNSUPPORTED = {
     "dependent_sum_dense": (lambda s, h: h + nn.relu(h + nn.Dense(8)(h)), X, "add",
                             "same random"),
     "batch_statistics": (lambda s, h: (h - h.mean(0)) / h.std(0), X, "reduce_sum", "example"),
-    # Products of independent fields (h * Dense(h)) have a kernel now (tests/test_products.py);
+    # Products of independent fields (h * Dense(h)) have a kernel now (Monte Carlo:
+    # tests/test_products.py::test_field_times_its_dense_nngp_and_ntk_standard);
     # factors that share randomness other than as one function of one field still raise.
     "dependent_product": (lambda s, h: h * nn.relu(h + _bias(s, h)), X, "mul", "same random"),
     "overlapping_channel_slices": (lambda s, h: jnp.concatenate([h[:, :4] * h[:, 2:6]] * 2, -1),

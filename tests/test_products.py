@@ -139,6 +139,19 @@ def test_product_of_independent_fields_is_product_of_kernels():
                              rtol=1e-5, atol=1e-7)
 
 
+def field_times_its_dense(x):
+  """h * Dense(h) (the case tests/test_kernel_errors.py used to refuse): independent G-vars
+  whose tangents share the parameters before h; their cross terms vanish at infinite width."""
+  h = nn.relu(dense(WIDTH, 2.0, 0.2)(x))
+  return h * dense(WIDTH, 1.0, 0.3)(h)
+
+
+@pytest.mark.slow
+def test_field_times_its_dense_nngp_and_ntk_standard():
+  check_nngp(field_times_its_dense, samples=400)
+  check_ntk_standard(field_times_its_dense, samples=300)
+
+
 # ------------------------------------------------------------ dependent factors
 
 def test_dependent_factors_nngp_and_bound_rejects_independence():

@@ -146,3 +146,17 @@ def test_channel_ranges_overlap_exactly():
   # A plain intersection stays conservative: any two pieces of one source meet.
   assert half & other
   assert not ch.shared(half, frozenset([8]))
+
+
+def test_haiku_glu_equals_flax_glu():
+  """The same split through Haiku (`jax.nn.glu` of an hk.Linear) gives the Flax kernel."""
+  import haiku as hk
+  import jax
+
+  x1, x2 = _inputs()
+  init = hk.initializers.VarianceScaling(2.0, "fan_in", "normal")
+  f = hk.transform(lambda x: hk.Linear(1, w_init=hk.initializers.VarianceScaling(
+      1.0, "fan_in", "normal"), with_bias=False)(jax.nn.glu(hk.Linear(
+          64, w_init=init, with_bias=False)(x))))
+  haiku = im.kernel_fn(f, x1[:1], parameterization="standard")(x1, x2)
+  _same(haiku, _kernel(lambda x: nn.glu(dense(64, 2.0)(x)), x1, x2), rtol=1e-5)

@@ -460,7 +460,8 @@ def structured_kernel(
     layer, never forming anything of the size of the weight;
   * *materialize*: per side ``J_s = G_s X_s`` (the leaf's Jacobian in the shape of
     ``u``, computed once if symmetric), then ``J_1 J_2^T``; best when weights are small
-    and reused many times (convolutions).
+    and reused many times (convolutions: ``J = sum_positions patches (x) cotangents``).
+    Both products run as single 2D matrix products (:func:`pair_contract`).
 
   Uses in one of ``groups`` (see :func:`cotangent_groups`) have the same cotangent
   ``G``; when the first one takes the Gram route they are contracted together,

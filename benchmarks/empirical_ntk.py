@@ -30,7 +30,10 @@ times per round), each call timed to ``jax.block_until_ready``; the minimum per
 implementation is reported. ``auto`` is timed as a user calls it (eagerly: its first
 call selects and compiles and is reported as its ``compile_seconds``; later calls
 dispatch to the chosen executable), and ``auto_picks_fastest`` compares its choice with
-the measured fastest of the timed explicit implementations. ``--vmap-axes auto``
+the measured fastest of the timed explicit implementations; ``auto_estimates`` are its
+cost-model inputs for the candidates it compiled, ``auto_pruned`` the candidates it
+dropped before compiling. ``--implementations auto`` alone reports the default call's
+time and peak memory without the explicit implementations in the same process. ``--vmap-axes auto``
 times the default call (ours finds the batch axes from the model; NT, which has no such
 mode, gets ``0``). ``--cpu-time`` runs XLA on one thread and reports process CPU time,
 which other jobs on a shared machine disturb far less than wall time (it compares work,
@@ -221,7 +224,7 @@ def result_entry(name, x, variables, kernels, seconds, compile_s, choice):
       iter(kernels))
   ref = kernels[ref_name]
   timed = [i for i in IMPLS if i in seconds]
-  fastest = min(timed, key=lambda k: seconds[k])
+  fastest = min(timed, key=lambda k: seconds[k]) if timed else None
   out = {
       "description": WORKLOADS[name]["description"],
       "sizes": sizes(name, x, variables, ref.shape),
@@ -229,7 +232,7 @@ def result_entry(name, x, variables, kernels, seconds, compile_s, choice):
       "compile_seconds": compile_s,
       "auto_choice": choice,
       "fastest": fastest,
-      "auto_picks_fastest": choice == fastest if choice else None,
+      "auto_picks_fastest": choice == fastest if choice and fastest else None,
       f"max_rel_diff_vs_{ref_name}": {
           k: float(np.abs(v - ref).max() / np.abs(ref).max()) for k, v in kernels.items()},
   }
@@ -408,6 +411,9 @@ def run_ours(workloads, trace_axes, vmap_axes, repeats):
     if auto is not None:
       compile_s["auto"] = first["auto"]
       choice = auto.choose(x, None, variables, {}).name.lower()
+      if not kernels:  # only auto timed: its kernel is the one reported
+        import numpy as np
+        kernels["auto"] = np.asarray(auto(x, None, variables))
     kernels_out[name] = kernels.get("structured_derivatives")
     results[name] = {
         **result_entry(name, x, variables, kernels, seconds, compile_s, choice),
@@ -420,6 +426,7 @@ def run_ours(workloads, trace_axes, vmap_axes, repeats):
           {"implementation": e.implementation.name.lower(), "flops": e.flops,
            "bytes": e.bytes, "temp_bytes": e.temp_bytes, "est_seconds": e.seconds,
            "measured_seconds": e.measured} for e in auto.last_estimates]
+      results[name]["auto_pruned"] = [i.name.lower() for i in auto.last_pruned]
   return results, kernels_out
 
 

@@ -2,23 +2,50 @@
 
 NT's ``AUTO`` compares the FLOPs that XLA reports for the compiled candidates and is
 documented to be wrong on CPU and GPU. Two things go wrong there: backend-optimized HLO
-can hide FLOPs inside library calls, and FLOPs alone ignore that Jacobian contraction is
-bound by memory traffic (it streams ``N * O * P`` Jacobian entries). Here:
+can hide FLOPs inside library calls (oneDNN / Eigen on CPU, cuBLAS / cuDNN custom calls
+on GPU), and FLOPs alone ignore that Jacobian contraction is bound by memory traffic (it
+streams ``N * O * P`` Jacobian entries). Here:
 
-1. every candidate is lowered and compiled for the call's shapes (no execution);
-2. its cost is ``max(flops_hlo, flops_compiled) / F + bytes / B`` with the FLOPs of the
-   *unoptimized* HLO (platform independent, counts every dot and convolution), the
-   bytes accessed of the *compiled* HLO (after fusion), and ``F`` / ``B`` a sustained
-   throughput / bandwidth for the backend (:data:`THROUGHPUT`);
-3. candidates whose compiled temporary memory does not fit in the device are skipped;
-4. when the two best estimates are within :data:`MEASURE_WITHIN` of each other, the
+1. every candidate is lowered for the call's shapes (no execution); its *unoptimized*
+   HLO gives platform-independent FLOPs (every dot and convolution counted) and an
+   upper bound on the bytes it moves (before fusion, every intermediate is written and
+   read once);
+2. candidates that are far behind even in the most favourable case (their FLOPs alone,
+   ``flops / F``, exceed :data:`PRUNE_WITHIN` times the best upper bound
+   ``flops / F + bytes_unfused / B``) are dropped without being compiled: compiling Jacobian contraction for a ResNet costs seconds and
+   gigabytes, and it cannot win where its FLOPs are 300x those of structured
+   derivatives;
+3. the remaining candidates are compiled; the cost is
+   ``max(flops_hlo, flops_compiled) / F + bytes / B`` with the bytes accessed of the
+   *compiled* HLO (after fusion) and ``F`` / ``B`` a sustained throughput / bandwidth
+   for the backend (:data:`THROUGHPUT`);
+4. candidates whose compiled temporary memory does not fit in the device are skipped;
+5. when the two best estimates are within :data:`MEASURE_WITHIN` of each other, the
    close candidates are run (on the call's arrays, or on stand-in arrays of the same
    shapes while tracing; interleaved for :data:`MEASURE_ROUNDS` rounds, minimum per
    candidate) and the fastest wins, so near-ties are settled by measurement rather
    than by the model;
-5. the choice is cached per shapes, dtypes and static keyword arguments, and the
-   dispatcher is itself a ``jax.jit`` function, so later calls cost what the chosen
+6. the choice is cached per shapes, dtypes, static keyword arguments and backend, and
+   the dispatcher is itself a ``jax.jit`` function, so later calls cost what the chosen
    implementation costs.
+
+Why the same rule holds on CPU and GPU. The model only has to rank candidates whose
+costs differ by more than :data:`MEASURE_WITHIN`; closer ones are timed. On CPU
+(measured, README "Performance") the ranking is decided by FLOPs: structured
+derivatives need ``N O`` activation backward passes plus per-layer Gram or weight-
+Jacobian products, Jacobian contraction the same backward passes plus the
+``(N O)^2 P`` product, NTK-vector products ``N`` times more backward passes; the
+2-core machine sustains ~8 GFLOP/s per core on these kernels and ~8 GB/s. On a GPU
+(no GPU was available to measure this rule) the ratios of FLOPs between the candidates
+are the same numbers, since they are computed from the same unoptimized HLO, and
+the GPU entries of :data:`THROUGHPUT` (20 TFLOP/s, 1.5 TB/s, an A100/H100-class
+sustained rate with float32 matmuls) shift the balance towards the bytes term:
+``F / B`` is ~13 FLOP/byte on a GPU vs ~2 on the CPU, so a candidate that streams a
+large Jacobian (Jacobian contraction: ``N O P`` entries written and read) is charged
+relatively more there, as it should be on a bandwidth-bound device. Where that
+estimate is within 2x of structured derivatives, the timing step decides, exactly
+as on CPU; the choice never depends on the compiled GPU FLOP count, which omits
+cuBLAS/cuDNN custom calls.
 
 The selection happens when the dispatcher is traced, so it works the same inside an
 outer ``jax.jit``.
@@ -43,7 +70,8 @@ from interop._layout import partition_kwargs as _partition_kwargs
 
 PyTree = Any
 
-__all__ = ["MEASURE_ROUNDS", "MEASURE_WITHIN", "THROUGHPUT", "Estimate", "auto_ntk_fn"]
+__all__ = ["MEASURE_ROUNDS", "MEASURE_WITHIN", "PRUNE_WITHIN", "THROUGHPUT", "Bounds", "Estimate", "auto_ntk_fn",
+           "bounds", "worth_compiling"]
 
 #: Sustained (FLOP/s, bytes/s) per backend platform for the cost model.
 THROUGHPUT: dict[str, tuple[float, float]] = {
@@ -97,9 +125,47 @@ def _cost(d: Any) -> dict:
   return d or {}
 
 
-def estimate(impl: Any, fn: Callable, args: tuple, platform: str) -> Estimate:
-  """Compiles ``fn(*args)`` and returns its cost-model estimate (no execution)."""
+@dataclasses.dataclass
+class Bounds:
+  """Cost bounds of one lowered (not yet compiled) candidate, in seconds:
+  ``lower = flops / F`` (no memory traffic at all) and ``upper = flops / F +
+  bytes_unfused / B`` (every intermediate written and read once)."""
+
+  implementation: Any
+  lowered: Any
+  lower: float
+  upper: float
+
+
+def bounds(impl: Any, fn: Callable, args: tuple, platform: str) -> Bounds:
+  """Lowers ``fn(*args)`` (no compilation) and returns its :class:`Bounds`."""
   lowered = layout_jit(fn).lower(*args)
+  pre = _cost(lowered.cost_analysis())
+  f, b = THROUGHPUT.get(platform, THROUGHPUT["gpu"])
+  flops = float(pre.get("flops", 0.0))
+  return Bounds(impl, lowered, flops / f, flops / f + float(pre.get("bytes accessed", 0.0)) / b)
+
+
+#: A lowered candidate whose lower bound exceeds this many times the best upper bound is
+#: not compiled. It is :data:`MEASURE_WITHIN` (the window in which candidates are
+#: timed) times 2, a margin for the bounds themselves: the compiled HLO may count more
+#: FLOPs (expanded ops) or bytes (layout copies) than the unoptimized one.
+PRUNE_WITHIN = 2 * MEASURE_WITHIN
+
+
+def worth_compiling(candidates: list[Bounds]) -> list[Bounds]:
+  """The candidates that may be competitive: those whose lower bound is at most
+  :data:`PRUNE_WITHIN` times the smallest upper bound."""
+  best_upper = min(c.upper for c in candidates)
+  return [c for c in candidates if c.lower <= PRUNE_WITHIN * best_upper]
+
+
+def estimate(impl: Any, fn: Callable | None, args: tuple, platform: str,
+             lowered: Any = None) -> Estimate:
+  """Compiles ``fn(*args)`` (or the given ``lowered``) and returns its cost-model
+  estimate (no execution)."""
+  if lowered is None:
+    lowered = layout_jit(fn).lower(*args)
   compiled = lowered.compile()
   pre, post = _cost(lowered.cost_analysis()), _cost(compiled.cost_analysis())
   flops = max(float(pre.get("flops", 0.0)), float(post.get("flops", 0.0)))
@@ -154,13 +220,17 @@ class _AutoNtk:
 
   Attributes:
     cache: ``{signature: implementation}`` of the choices made so far.
-    last_estimates: the :class:`Estimate` list of the latest selection.
+    last_estimates: the :class:`Estimate` list of the latest selection (compiled
+      candidates only).
+    last_pruned: the implementations the latest selection dropped before compiling
+      (see :func:`worth_compiling`).
   """
 
   def __init__(self, candidates: Mapping[Any, Callable[..., PyTree]]):
     self.candidates = dict(candidates)
     self.cache: dict[Any, Any] = {}
     self.last_estimates: list[Estimate] = []
+    self.last_pruned: list[Any] = []
     self._dispatch: dict[Any, Callable] = {}
 
   def _key(self, x1: PyTree, x2: PyTree, variables: Any, dyn: list, treedef: Any,
@@ -188,13 +258,23 @@ class _AutoNtk:
     abstract = _abstract(args) if not _is_traced(args) else jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x,
         args)
-    estimates, errors = [], []
+    lowered, errors = [], []
     for impl, cand in self.candidates.items():
       def fn(a: PyTree, b: PyTree, v: Any, d: list, cand: Callable = cand) -> PyTree:
         return cand(a, b, v, **_merge_kwargs(d, treedef, static))
       try:
-        estimates.append(estimate(impl, fn, abstract, platform))
+        lowered.append(bounds(impl, fn, abstract, platform))
       except Exception as err:  # noqa: BLE001 - a candidate that cannot run is skipped
+        errors.append(err)
+    if not lowered:
+      raise errors[0]
+    kept = worth_compiling(lowered)
+    self.last_pruned = [c.implementation for c in lowered if c not in kept]
+    estimates = []
+    for c in kept:
+      try:
+        estimates.append(estimate(c.implementation, None, abstract, platform, c.lowered))
+      except Exception as err:  # noqa: BLE001 - e.g. out of memory while compiling
         errors.append(err)
     if not estimates:
       raise errors[0]

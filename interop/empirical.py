@@ -250,7 +250,7 @@ def _ntk_jacobian_contraction(ctx: _Ctx) -> PyTree:
     total = jnp.zeros(lay.out_shape, dtype)
     for leaf, (a, b) in enumerate(zip(j1[o], j2[o])):
       plab = tuple(range(lay.next_label, lay.next_label + a.ndim - len(lay.labels1)))
-      term = contract([a, b], [lay.labels1 + plab, lay.labels2 + plab], lay.out_labels)
+      term = sd.pair_contract(a, lay.labels1 + plab, b, lay.labels2 + plab, lay.out_labels)
       total = total + _weight(ctx, leaf) * term.astype(dtype)
     kernels.append(total / lay.trace_size)
   return _unflatten_out(ctx, kernels)

@@ -460,7 +460,8 @@ def structured_kernel(
     layer, never forming anything of the size of the weight;
   * *materialize*: per side ``J_s = G_s X_s`` (the leaf's Jacobian in the shape of
     ``u``, computed once if symmetric), then ``J_1 J_2^T``; best when weights are small
-    and reused many times (convolutions).
+    and reused many times (convolutions: ``J = sum_positions patches (x) cotangents``).
+    Both products run as single 2D matrix products (:func:`pair_contract`).
 
   Uses in one of ``groups`` (see :func:`cotangent_groups`) have the same cotangent
   ``G``; when the first one takes the Gram route they are contracted together,
@@ -539,9 +540,13 @@ def structured_kernel(
     if k in done:
       continue
     if t.mat_cost < t.gram_cost:
-      ja = contract(t.a_ops, t.a_labs, t.keep1)
-      jb = ja if symmetric else contract(t.b_ops, t.b_labs, t.keep2)
-      term = contract([ja, jb], [t.keep1, t.keep2], layout.out_labels)
+      ja, keep1 = _weight_jacobian(t.a_ops, t.a_labs, t.keep1)
+      if symmetric:  # J_2 is J_1; its axes carry side 2's labels (same positions)
+        side2 = dict(zip(t.keep1, t.keep2))
+        jb, keep2 = ja, tuple(side2[x] for x in keep1)
+      else:
+        jb, keep2 = _weight_jacobian(t.b_ops, t.b_labs, t.keep2)
+      term = pair_contract(ja, keep1, jb, keep2, layout.out_labels)
     else:
       term = contract(t.a_ops + t.b_ops, t.a_labs + t.b_labs, layout.out_labels)
     total = total + t.scale * term.astype(dtype)
@@ -550,8 +555,8 @@ def structured_kernel(
     a, b = j1[j], j2[j]
     nd = a.ndim - len(layout.labels1)
     plab = tuple(range(nxt, nxt + nd))
-    term = contract([a, b], [tuple(layout.labels1) + plab, tuple(layout.labels2) + plab],
-                    layout.out_labels)
+    term = pair_contract(a, tuple(layout.labels1) + plab, b, tuple(layout.labels2) + plab,
+                         layout.out_labels)
     total = total + weight(leaf) * term.astype(dtype)
   return total
 
@@ -629,6 +634,83 @@ def cotangent_groups(prog: Program, plan: Plan) -> tuple[tuple[int, ...], ...]:
     groups.setdefault(root(k), []).append(k)
   return tuple(tuple([r] + [k for k in ks if k != r]) for r, ks in groups.items()
                if len(ks) > 1)
+
+
+
+def _weight_jacobian(operands: list, labels: list, keep: Sequence[int]
+                     ) -> tuple[jax.Array, tuple[int, ...]]:
+  """One side's ``J = G X`` (the leaf's Jacobian, axes ``keep`` in some order).
+
+  With the two operands ``G`` and the rule operand (dense and conv layers without an
+  elementwise scale) the axes come out in the order the matrix product produces them
+  (:func:`pair_order`), so no transpose of ``J`` is needed before ``J_1 J_2^T``, which
+  only needs to know the order. Returns ``(J, its labels)``.
+  """
+  if len(operands) == 2:
+    order = pair_order(labels[0], labels[1], keep)
+    return pair_contract(operands[0], labels[0], operands[1], labels[1], order), order
+  keep = tuple(keep)
+  return contract(operands, labels, keep), keep
+
+
+def pair_order(a_labels: Sequence[int], b_labels: Sequence[int], keep: Sequence[int]
+               ) -> tuple[int, ...]:
+  """The labels ``keep`` in the order :func:`pair_contract`'s product yields them
+  (batch, then free labels of ``a``, then free labels of ``b``)."""
+  keep = set(keep)
+  batch = [x for x in a_labels if x in keep and x in b_labels]
+  return (*batch, *(x for x in a_labels if x in keep and x not in batch),
+          *(x for x in b_labels if x in keep and x not in batch))
+
+
+def pair_contract(a: jax.Array, a_labels: Sequence[int], b: jax.Array,
+                  b_labels: Sequence[int], out_labels: Sequence[int]) -> jax.Array:
+  """``einsum(a, b -> out)`` over integer labels as one matrix product.
+
+  Labels are sorted into batch (in ``a``, ``b`` and ``out``), free (in one operand and
+  ``out``) and contracted (in both operands, not in ``out``); labels in one operand only
+  and not in ``out`` are summed first. Each operand is transposed to ``(batch, free,
+  contracted)`` and reshaped to a 3D array, so XLA sees a single ``dot_general`` with one
+  contracting and one free dimension per side. XLA's CPU backend runs such a product
+  several times faster than the same contraction with several contracting dimensions
+  (measured 0.023 s vs 0.057 s for ``(160, 36864) x (36864, 160)``, float32, one
+  thread), which is the ``J_1 J_2^T`` step of every materialized weight Jacobian.
+  """
+  a_labels, b_labels, out_labels = tuple(a_labels), tuple(b_labels), tuple(out_labels)
+  if len(set(a_labels)) != len(a_labels) or len(set(b_labels)) != len(b_labels):
+    return contract([a, b], [a_labels, b_labels], out_labels)  # repeated labels: diagonals
+  out_set = set(out_labels)
+  a_only = [x for x in a_labels if x not in b_labels and x not in out_set]
+  b_only = [x for x in b_labels if x not in a_labels and x not in out_set]
+  if a_only:
+    a = jnp.sum(a, axis=tuple(a_labels.index(x) for x in a_only))
+    a_labels = tuple(x for x in a_labels if x not in a_only)
+  if b_only:
+    b = jnp.sum(b, axis=tuple(b_labels.index(x) for x in b_only))
+    b_labels = tuple(x for x in b_labels if x not in b_only)
+  batch = [x for x in a_labels if x in out_set and x in b_labels]
+  free_a = [x for x in a_labels if x in out_set and x not in batch]
+  free_b = [x for x in b_labels if x in out_set and x not in batch]
+  summed = [x for x in a_labels if x in b_labels and x not in out_set]
+  if set(out_labels) != set(batch) | set(free_a) | set(free_b):
+    return contract([a, b], [a_labels, b_labels], out_labels)  # out has a new axis
+  size = dict(zip(a_labels, a.shape)) | dict(zip(b_labels, b.shape))
+
+  def matrix(x: jax.Array, labels: tuple[int, ...], free: list[int]) -> jax.Array:
+    order = [labels.index(lab) for lab in (*batch, *free, *summed)]
+    x = jnp.transpose(x, order)
+    return x.reshape(tuple(size[lab] for lab in batch)
+                     + (int(np.prod([size[lab] for lab in free])),
+                        int(np.prod([size[lab] for lab in summed]))))
+
+  nb = len(batch)
+  prod = jax.lax.dot_general(
+      matrix(a, a_labels, free_a), matrix(b, b_labels, free_b),
+      (((nb + 1,), (nb + 1,)), (tuple(range(nb)), tuple(range(nb)))),
+      preferred_element_type=jnp.result_type(a, b))
+  prod = prod.reshape(tuple(size[lab] for lab in (*batch, *free_a, *free_b)))
+  have = (*batch, *free_a, *free_b)
+  return jnp.transpose(prod, [have.index(lab) for lab in out_labels])
 
 
 def _shape_of(operands: Sequence[Any], labels: Sequence[Sequence[int]],

@@ -147,30 +147,53 @@ def _conv_rule(params: dict, invals: Sequence[Any], pos: int,
 
   ``P`` are the image patches (``lax.conv_general_dilated_patches``, any strides,
   padding, lhs/rhs dilation and layout), so the rule reduces to a ``dot_general``.
-  Grouped convolutions take the generic path.
+
+  With ``feature_group_count = G`` (grouped and depthwise convolutions) input channel
+  ``c = g C_g + c'`` only feeds outputs ``o`` of group ``g(o) = o // (O / G)``, and ``W``
+  has ``C_g`` input features:
+
+      y[b, o, s] = sum_{g, c', k} E[g, o] P[b, s, g, c', k] W[o, c', k],
+      E[g, o] = 1 if g = g(o) else 0,
+
+  exact with a ``G x O`` one-hot operand ``E``. ``batch_group_count > 1`` (which only
+  appears in the transposes of grouped convolutions) takes the generic path.
   """
-  if pos != 1 or params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+  groups = params["feature_group_count"]
+  if pos != 1 or params["batch_group_count"] != 1:
     return None
   x = invals[0]
   lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
   filter_shape = tuple(u_shape[d] for d in rhs_spec[2:])
-  n_in = x.shape[lhs_spec[1]]
+  n_in, n_out = x.shape[lhs_spec[1]], u_shape[rhs_spec[0]]
+  if n_in % groups or n_out % groups or u_shape[rhs_spec[1]] * groups != n_in:
+    return None
   patches = lax.conv_general_dilated_patches(
       x, filter_shape, params["window_strides"], params["padding"],
       lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
       dimension_numbers=params["dimension_numbers"], precision=lax.Precision.HIGHEST)
   patches = jnp.moveaxis(patches, out_spec[1], -1)
-  patches = patches.reshape(patches.shape[:-1] + (n_in,) + filter_shape)
+  # patch features are ordered (input channel, *filter), channel-major
+  patches = patches.reshape(patches.shape[:-1] + (groups, n_in // groups) + filter_shape)
   nd = x.ndim
   y = tuple(range(nd))  # y axis d has label d
-  c_label, k_labels = nd, tuple(range(nd + 1, nd + 1 + len(filter_shape)))
-  p_labels = tuple(d for d in range(nd) if d != out_spec[1]) + (c_label,) + k_labels
+  g_label, c_label = nd, nd + 1
+  k_labels = tuple(range(nd + 2, nd + 2 + len(filter_shape)))
+  spatial_and_batch = tuple(d for d in range(nd) if d != out_spec[1])
   u_labels = [0] * len(u_shape)
   u_labels[rhs_spec[0]] = out_spec[1]
   u_labels[rhs_spec[1]] = c_label
   for i, d in enumerate(rhs_spec[2:]):
     u_labels[d] = k_labels[i]
-  return LinearForm((patches,), (p_labels,), tuple(u_labels), y)
+  if groups == 1:  # no group axis: drop it from the patches
+    patches = patches.reshape(patches.shape[:len(spatial_and_batch)] + patches.shape[-1 - len(
+        filter_shape):])
+    return LinearForm((patches,), (spatial_and_batch + (c_label,) + k_labels,),
+                      tuple(u_labels), y)
+  one_hot = (jnp.arange(groups)[:, None] == jnp.arange(n_out)[None, :] // (n_out // groups)
+             ).astype(x.dtype)
+  return LinearForm((one_hot, patches),
+                    ((g_label, out_spec[1]), spatial_and_batch + (g_label, c_label) + k_labels),
+                    tuple(u_labels), y)
 
 
 LINEAR_RULES["dot_general"] = _dot_general_rule

@@ -513,11 +513,44 @@ def test_auto_picks_a_candidate_and_caches():
   ntk_fn = interop.empirical_ntk_fn(model, vmap_axes=0)
   assert isinstance(ntk_fn, autoselect._AutoNtk)
   first = ntk_fn(x1, x2, variables)
-  assert len(ntk_fn.cache) == 1 and len(ntk_fn.last_estimates) == 3
+  assert len(ntk_fn.cache) == 1
+  assert len(ntk_fn.last_estimates) + len(ntk_fn.last_pruned) == 3
   assert all(e.flops > 0 for e in ntk_fn.last_estimates)
   np.testing.assert_allclose(ntk_fn(x1, x2, variables), first)
   assert len(ntk_fn.cache) == 1
   assert ntk_fn.choose(x1, x2, variables, {}) in set(interop.NtkImplementation)
+
+
+def test_auto_prunes_before_compiling():
+  """Bounds from the lowered HLO drop hopeless candidates without compiling them: the
+  full NTK of a 64-wide MLP costs Jacobian contraction ``(N O)^2 P`` FLOPs, far above
+  structured derivatives' upper bound, so Jacobian contraction is never compiled."""
+  class WideMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(2):
+        x = nn.relu(nn.Dense(64)(x))
+      return nn.Dense(10)(x)
+
+  model = WideMLP()
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 32))
+  variables = f64(fast_jit(model.init)(jax.random.PRNGKey(1), x))
+  ntk_fn = interop.empirical_ntk_fn(model, (), (), 0)
+  got = ntk_fn(x, None, variables)
+  impl = interop.NtkImplementation
+  assert impl.JACOBIAN_CONTRACTION in ntk_fn.last_pruned
+  assert impl.JACOBIAN_CONTRACTION not in [e.implementation for e in ntk_fn.last_estimates]
+  assert ntk_fn.choose(x, None, variables, {}) == impl.STRUCTURED_DERIVATIVES
+  expected = interop.empirical_ntk_fn(model, (), (), 0, "jacobian_contraction")(
+      x, None, variables)
+  np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
+
+
+def test_worth_compiling_bounds():
+  b = autoselect.Bounds
+  cands = [b("a", None, 1.0, 2.0), b("b", None, 8.0, 9.0), b("c", None, 8.5, 20.0)]
+  assert autoselect.PRUNE_WITHIN == 4.0
+  assert [c.implementation for c in autoselect.worth_compiling(cands)] == ["a", "b"]
 
 
 def test_implementation_spellings():

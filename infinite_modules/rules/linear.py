@@ -49,6 +49,9 @@ def materialize(interp: Interpreter, eqn, field: Field) -> Root:
   try:
     root = ew.materialize(field.root, field.expr, interp.full, interp.points, interp.same_batch)
   except ew.NotGaussianError:
+    if field.root.random_moments is not None:
+      from infinite_modules.rules.gaussian_logits import mixture_error
+      raise mixture_error(eqn, field.root, "a nonlinearity") from None
     raise eqn.error(NOT_GAUSSIAN_WHY, NOT_GAUSSIAN_HINT) from None
   interp.materialized[key] = (field.root, field.expr, root)  # keeps the ids alive
   if _through_pair_law(field):
@@ -123,9 +126,13 @@ def _warn_zero_weight(interp: Interpreter, eqn, ref: ParamRef) -> None:
       UserWarning, stacklevel=2)
 
 
-def _new_root(nngp, ntk, var1, var2, spatial, channels) -> Root:
+def _new_root(nngp, ntk, var1, var2, spatial, channels, random_moments=None) -> Root:
+  # A matmul Gaussianizes an input whose second moments are deterministic; an input
+  # that is a Gaussian scale mixture (random second moments, `Root.random_moments`)
+  # gives a Gaussian scale mixture again, with the same exact second moments.
   return Root(nngp=nngp, ntk=ntk, var1=var1, var2=var2, mean1=None, mean2=None,
-              spatial=tuple(spatial), channels=channels, gaussian=True, origins=new_origin())
+              spatial=tuple(spatial), channels=channels, gaussian=random_moments is None,
+              origins=new_origin(), random_moments=random_moments)
 
 
 def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spatial, channels):
@@ -135,7 +142,8 @@ def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spa
   if root_in.ntk is not None:  # None: an input's moments (no parameter before them)
     ntk = factor * root_in.ntk + ntk
   return _new_root(factor * root_in.nngp, ntk,
-                   factor * root_in.var1, factor * root_in.var2, spatial, channels)
+                   factor * root_in.var1, factor * root_in.var2, spatial, channels,
+                   root_in.random_moments)
 
 
 def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype):
@@ -524,7 +532,8 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
       var2=second(ra.var2, rb.var2, ma2, ma2, mb2, mb2, False),
       mean1=ma1 + mb1 if has_mean else None, mean2=ma2 + mb2 if has_mean else None,
       spatial=ra.spatial, channels=ra.channels, gaussian=ra.gaussian and rb.gaussian,
-      origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous)
+      origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous,
+      random_moments=ra.random_moments or rb.random_moments)
   if not root.gaussian and pairlaw.known(ra) and pairlaw.known(rb):
     # A post-activation residual stream: carry the pair laws of the sum, so a
     # nonlinearity of it has a kernel (`pairlaw`).

@@ -165,6 +165,9 @@ def elementwise_rule(interp, eqn, invals):
   if not pairlaw.known(template.root) and not ew.is_affine(expr):
     # Raised here rather than where phi is materialized, so the message names
     # the nonlinearity's module, not its consumer's.
+    if template.root.random_moments is not None:
+      from infinite_modules.rules.gaussian_logits import mixture_error
+      raise mixture_error(eqn, template.root, "a nonlinearity")
     raise eqn.error(NOT_GAUSSIAN_WHY, NOT_GAUSSIAN_HINT)
   return [Field(template.root, template.axes, expr)]
 

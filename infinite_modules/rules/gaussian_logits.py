@@ -116,7 +116,8 @@ def _draw(interp: Interpreter, logits) -> Sampled:
   key = jax.random.fold_in(jax.random.PRNGKey(SEED), len(interp.estimates))
   half = SAMPLES // 2
   # Common random numbers across pairs and antithetic pairs (S, -S) within each.
-  z = jax.random.normal(key, (half, heads, 2 * m), interp.dtype)
+  # Drawn in float32 whatever the kernel dtype, so float32 and float64 kernels share draws.
+  z = jax.random.normal(key, (half, heads, 2 * m), jnp.float32).astype(interp.dtype)
   z = jnp.concatenate([z, -z])
   s = jnp.einsum("abij,nhj->nabhi", _draw_sqrt(pair).astype(interp.dtype), z)
   s1 = s[..., :m].reshape(SAMPLES, n1, n2, heads, lq, lk)

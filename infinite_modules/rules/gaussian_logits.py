@@ -38,7 +38,7 @@ import numpy as np
 
 from infinite_modules import moments as mo
 from infinite_modules.interpreter import RULES, Interpreter, enter_call
-from infinite_modules.values import Concrete, Field, ParamRef, Root, is_group
+from infinite_modules.values import Field, ParamRef, Root, is_group
 
 SAMPLES = 2048  # logit draws per pair of inputs (1024 antithetic pairs)
 SEED = 0
@@ -207,7 +207,7 @@ class Sampled:
 
       def apply(*xs, e=e, fixed=fixed):
         drawn = dict(zip(sampled, xs))
-        vals = [drawn[i] if i in drawn else f for i, f in enumerate(fixed)]
+        vals = [drawn.get(i, f) for i, f in enumerate(fixed)]
         out = e.primitive.bind(*vals, **e.params)
         return list(out) if e.primitive.multiple_results else [out]
 

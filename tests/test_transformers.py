@@ -100,17 +100,19 @@ def test_wmt_encoder_with_learned_positions_names_the_missing_law():
 class PreLNBlock(nn.Module):
   """A pre-LayerNorm transformer encoder block with Flax's default initializers."""
   attention_fn: object = nn.dot_product_attention
+  width: int = 16
+  readout: int = 1
 
   @nn.compact
   def __call__(self, x):
-    inputs = nn.Dense(16)(x)  # the block acts on a field (an embedding of the inputs)
+    inputs = nn.Dense(self.width)(x)  # the block acts on a field (an embedding of the inputs)
     x = nn.LayerNorm()(inputs)
-    x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16,
+    x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.width,
                                         attention_fn=self.attention_fn)(x, x)
     x = x + inputs
     y = nn.LayerNorm()(x)
-    y = nn.Dense(inputs.shape[-1])(nn.gelu(nn.Dense(32)(y)))
-    return nn.Dense(1)((x + y).mean(1))
+    y = nn.Dense(inputs.shape[-1])(nn.gelu(nn.Dense(2 * self.width)(y)))
+    return nn.Dense(self.readout)((x + y).mean(1))
 
 
 def test_pre_layernorm_block_names_the_missing_law():
@@ -129,6 +131,18 @@ def test_pre_layernorm_block_with_1_over_d_logits_is_symmetric_psd():
   k = im.kernel_fn(PreLNBlock(attention_fn=attention_1_over_d), x)(x)
   assert k.exact and np.all(np.isfinite(k.nngp)) and np.all(np.isfinite(k.ntk))
   assert is_symmetric_psd(k.nngp) and is_symmetric_psd(k.ntk)
+
+
+@pytest.mark.slow
+def test_pre_layernorm_block_with_1_over_d_logits_monte_carlo():
+  """The exact kernel of that block against the mean over 300 inits of the real model at
+  width 512 (Flax's default initializers: truncated normal weights of large fan-in)."""
+  x1, x2 = _sequences(3, 7), _sequences(2, 8)
+  k = im.kernel_fn(PreLNBlock(attention_fn=attention_1_over_d), x1)(x1, x2)
+  init, apply = linen_init_apply(
+      PreLNBlock(attention_fn=attention_1_over_d, width=512, readout=64), x1[:1])
+  est = mc_nngp(init, apply, np.concatenate([x1, x2]), samples=300, seed=9)
+  assert_mc_close(est, len(x1), k.nngp, k.cov1, k.cov2, what="pre-LN block nngp")
 
 
 def test_wmt_encoder_with_sinusoidal_positions_names_the_constant():

@@ -136,8 +136,12 @@ def test_ntk_through_queries_and_keys_monte_carlo(monkeypatch, width, samples, b
     assert_mc_close(est, 2, 0 * term[:2, 2:], 0 * np.diag(term)[:2], bound=bound, power=power)
 
 
-class Causal(nn.Module):
-  """Causal mask read out at position 0: the only key is position 0 (P = 1, exact)."""
+class Masked(nn.Module):
+  """A mask that leaves one key (position 0) to the query read out (P = 1: exact).
+
+  "causal": read out at query 0 of a causal mask; "padding": every query of a padding
+  mask with one valid key, read out at query 1. `by_hand`: the value at position 0."""
+  mask: str = "causal"
   by_hand: bool = False
 
   @nn.compact
@@ -146,19 +150,41 @@ class Causal(nn.Module):
       v = nn.DenseGeneral((2, 8), kernel_init=vs(1.0), name="value")(x)
       h = nn.DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_init=vs(1.0), name="out")(v[:, 0])
     else:
-      mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+      if self.mask == "causal":
+        mask, read = nn.make_causal_mask(jnp.ones(x.shape[:2])), 0
+      else:
+        valid = jnp.broadcast_to(jnp.arange(x.shape[1]) < 1, x.shape[:2])
+        mask, read = nn.make_attention_mask(jnp.ones(x.shape[:2]), valid), 1
       h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, kernel_init=vs(1.0))(
-          x, x, mask=mask)[:, 0]
+          x, x, mask=mask)[:, read]
     return nn.Dense(1, kernel_init=vs(1.0))(h)
 
 
-def test_causal_mask_is_respected():
+@pytest.mark.parametrize("mask", ["causal", "padding"])
+def test_masks_are_respected(mask):
   x1, x2 = _sequences(3, 0), _sequences(2, 1)
-  a = im.kernel_fn(Causal(), x1)(x1, x2)
-  b = im.kernel_fn(Causal(by_hand=True), x1)(x1, x2)
+  a = im.kernel_fn(Masked(mask), x1)(x1, x2)
+  b = im.kernel_fn(Masked(by_hand=True), x1)(x1, x2)
   np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-5)
   np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-5)
   np.testing.assert_allclose(a.cov1, b.cov1, rtol=1e-5)
+
+
+class Cross(nn.Module):
+  """Cross-attention: queries from one field, keys/values from another (other length)."""
+
+  @nn.compact
+  def __call__(self, x):
+    memory = nn.Dense(16, kernel_init=vs(1.0))(x[:, :2])
+    h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, kernel_init=vs(1.0))(
+        x, memory)
+    return nn.Dense(1, kernel_init=vs(1.0))(h.mean(1))
+
+
+def test_cross_attention_gets_an_estimated_kernel():
+  x = _sequences(3, 2)
+  k = im.kernel_fn(Cross(), x)(x)
+  assert not k.exact and is_symmetric_psd(k.nngp, rtol=1e-4)
 
 
 def test_kernel_is_marked_estimated_float32_float64_and_jit():

@@ -223,6 +223,7 @@ class AfterBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    x = nn.Dense(16, kernel_init=vs(1.0))(x)
     h = nn.SelfAttention(num_heads=2, qkv_features=16, kernel_init=vs(1.0),
                          deterministic=True)(x)
     if self.after == "relu":
@@ -235,7 +236,7 @@ class AfterBlock(nn.Module):
 
 
 @pytest.mark.parametrize("after,match", [
-    ("relu", r"(?s)`max`.*Dense_0.*Gaussian scale mixture"),
+    ("relu", r"(?s)`max`.*AfterBlock.*Gaussian scale mixture"),
     ("layernorm", r"(?s)LayerNorm.*attention weights of the 2 heads.*Gaussian scale mixture"),
     ("attention", r"(?s)SelfAttention_1.*attention layer.*Gaussian scale mixture"),
 ])

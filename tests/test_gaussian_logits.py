@@ -160,14 +160,14 @@ class Masked(nn.Module):
     return nn.Dense(1, kernel_init=vs(1.0))(h)
 
 
-@pytest.mark.parametrize("mask", ["causal", "padding"])
-def test_masks_are_respected(mask):
+def test_masks_are_respected():
   x1, x2 = _sequences(3, 0), _sequences(2, 1)
-  a = im.kernel_fn(Masked(mask), x1)(x1, x2)
   b = im.kernel_fn(Masked(by_hand=True), x1)(x1, x2)
-  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-5)
-  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-5)
-  np.testing.assert_allclose(a.cov1, b.cov1, rtol=1e-5)
+  for mask in ("causal", "padding"):
+    a = im.kernel_fn(Masked(mask), x1)(x1, x2)
+    np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-5)
+    np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-5)
+    np.testing.assert_allclose(a.cov1, b.cov1, rtol=1e-5)
 
 
 class Cross(nn.Module):

@@ -61,11 +61,21 @@ def mixture_error(eqn, root: Root, what: str):
       "(deterministic weights), or `interop.monte_carlo_kernel_fn`.")
 
 
+# Relative jitter added to the logits' covariance so that its Cholesky factor exists when
+# it is singular (an input paired with itself, repeated positions): the logits' variance
+# grows by this fraction of the largest one, far below the Monte Carlo error.
+JITTER = 1e-5
+
+
 def _draw_sqrt(cov):
-  """A matrix A with A A^T = cov (batched), robust to singular covariances."""
+  """The Cholesky factor L (L L^T = cov + jitter, batched): unique, so float32 and float64
+  kernels (and any batching) see the same draws, unlike an eigendecomposition whose
+  eigenvectors are arbitrary within the degenerate eigenspaces of a Kronecker product."""
   cov = (cov + jnp.swapaxes(cov, -1, -2)) / 2
-  lam, u = jnp.linalg.eigh(cov)
-  return u * jnp.sqrt(jnp.clip(lam, 0.0, None))[..., None, :]
+  scale = jnp.max(jnp.diagonal(cov, axis1=-2, axis2=-1), axis=-1)
+  jitter = JITTER * jnp.maximum(scale, jnp.finfo(cov.dtype).tiny)
+  eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
+  return jnp.linalg.cholesky(cov + jitter[..., None, None] * eye)
 
 
 def sample(interp: Interpreter, eqn, logits) -> Sampled:
@@ -122,10 +132,9 @@ def _draw(interp: Interpreter, logits) -> Sampled:
   s = jnp.einsum("abij,nhj->nabhi", _draw_sqrt(pair).astype(interp.dtype), z)
   s1 = s[..., :m].reshape(SAMPLES, n1, n2, heads, lq, lk)
   s2 = s[..., m:].reshape(SAMPLES, n1, n2, heads, lq, lk)
-  d1 = jnp.einsum("aij,nhj->nahi", _draw_sqrt(c11).astype(interp.dtype), z[..., :m])
-  d2 = jnp.einsum("aij,nhj->nahi", _draw_sqrt(c22).astype(interp.dtype), z[..., :m])
-  d1 = d1.reshape(SAMPLES, 1, n1, heads, lq, lk)
-  d2 = d2.reshape(SAMPLES, 1, n2, heads, lq, lk)
+  # Each side of a pair's draw is a draw of that input's logits alone: those of the
+  # first partner serve for the second moments within a batch (one factorization).
+  d1, d2 = s1[:, None, :, 0], s2[:, None, 0]
   shape1, shape2 = jnp.shape(logits.sum1), jnp.shape(logits.sum2)
   return Sampled(
       pair1=_arrange(jnp.swapaxes(s1, 1, 2), layout, groups, shape1),

@@ -23,7 +23,9 @@ cross terms between the query, key and value paths are O(C^{-1/2}) and vanish.
 No finite-dimensional closed form exists for E[softmax softmax'] of Gaussian logits,
 so the expectations are estimated by Monte Carlo over the logits with a fixed seed:
 `SAMPLES` draws (antithetic pairs S, -S), jointly Gaussian over both inputs of each pair
-(a, b) and all their (query, key) positions, averaged over the H i.i.d. heads. The step
+(a, b) and all their (query, key) positions (a Cholesky factor of the covariance plus a
+relative `JITTER`; the same standard normals for every pair: common random numbers),
+averaged over the H i.i.d. heads. The step
 is recorded on the `Kernel` (`Interpreter.record_estimate`) with `ERROR_SIGMAS`
 standard errors of the estimated entries as its error bound.
 """

@@ -2,7 +2,7 @@
 against Neural Tangents' `stax.ConvLocal` (reference arrays in tests/data/convlocal.npz,
 from NT 0.6.5 in float64 on the same inputs via /work/shared/tools/nt_stax_on_current_jax.py:
 ConvLocal(8, (3,), SAME, W_std=sqrt(2), b_std=0.1) -> Relu -> Flatten or GlobalAvgPool ->
-Dense(1, W_std=1))."""
+Dense(1, W_std=1); and a 2-D strided VALID one with GlobalAvgPool)."""
 
 from __future__ import annotations
 
@@ -23,21 +23,33 @@ class Local(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    # NT's fan-in of a locally connected weight is window * in_channels (6), not the
-    # positions * 6 that Flax's variance_scaling reads from the (5, 6, 8) leaf: normal(std).
-    h = nn.ConvLocal(8, (3,), padding="SAME", kernel_init=nn.initializers.normal(np.sqrt(2 / 6)),
-                     bias_init=nn.initializers.normal(0.1))(x)
+    # NT's fan-in of a locally connected weight is window * in_channels, not the
+    # positions * window * in_channels that Flax's variance_scaling reads from the
+    # (positions..., window * in, out) leaf: normal(std) gives NT's variance.
+    if self.readout == "pool2d":  # 2-D, strided, VALID
+      h = nn.ConvLocal(8, (2, 3), strides=(1, 2), padding="VALID",
+                       kernel_init=nn.initializers.normal(np.sqrt(2 / 12)),
+                       bias_init=nn.initializers.normal(0.1))(x)
+    else:
+      h = nn.ConvLocal(8, (3,), padding="SAME", kernel_init=nn.initializers.normal(np.sqrt(2 / 6)),
+                       bias_init=nn.initializers.normal(0.1))(x)
     h = nn.relu(h)
-    h = h.reshape(h.shape[0], -1) if self.readout == "flatten" else h.mean(1)
+    if self.readout == "flatten":
+      h = h.reshape(h.shape[0], -1)
+    else:
+      h = h.mean(tuple(range(1, h.ndim - 1)))
     return nn.Dense(1, kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"))(h)
 
 
-@pytest.mark.parametrize("readout,layout", [("flatten", "diagonal"), ("pool", "full")])
+@pytest.mark.parametrize("readout,layout", [("flatten", "diagonal"), ("pool", "full"),
+                                            ("pool2d", "full")])
 def test_conv_local_matches_neural_tangents(readout, layout):
   data = np.load(DATA)
+  suffix = "_2d" if readout == "pool2d" else ""
+  x1, x2 = data["x1" + suffix], data["x2" + suffix]
   with jax.enable_x64(True):
-    kf = im.kernel_fn(Local(readout), data["x1"])
-    k12, k11 = kf(data["x1"], data["x2"]), kf(data["x1"])
+    kf = im.kernel_fn(Local(readout), x1)
+    k12, k11 = kf(x1, x2), kf(x1)
   assert kf.layout == layout and k12.exact
   for got, ref in ((k12.nngp, "nngp12"), (k12.ntk, "ntk12"), (k11.nngp, "nngp11")):
     np.testing.assert_allclose(got, data[f"{readout}_{ref}"], rtol=1e-10, atol=1e-12)

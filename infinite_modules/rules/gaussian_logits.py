@@ -125,7 +125,9 @@ def _draw(interp: Interpreter, logits) -> Sampled:
       jnp.concatenate([jnp.broadcast_to(c11[:, None], (n1, n2, m, m)), c12], -1),
       jnp.concatenate([jnp.swapaxes(c12, -1, -2),
                        jnp.broadcast_to(c22[None], (n1, n2, m, m))], -1)], -2)
-  key = jax.random.fold_in(jax.random.PRNGKey(SEED), len(interp.estimates))
+  # A fresh stream for each attention layer of the model (in trace order).
+  layer = sum(1 for key in interp.materialized if key[0] == "gaussian logits")
+  key = jax.random.fold_in(jax.random.PRNGKey(SEED), layer)
   half = SAMPLES // 2
   # Common random numbers across pairs and antithetic pairs (S, -S) within each.
   # Drawn in float32 whatever the kernel dtype, so float32 and float64 kernels share draws.

@@ -140,7 +140,9 @@ def _module_call_rule(interp, eqn, invals):
   k_out = holder.rule(k_in, holder.module)
   new = dataclasses.replace(
       root, nngp=k_out.nngp, ntk=k_out.ntk, var1=k_out.var1, var2=k_out.var2,
-      mean1=k_out.mean1, mean2=k_out.mean2, gaussian=k_out.gaussian,
+      mean1=k_out.mean1, mean2=k_out.mean2,
+      # A Gaussian scale mixture in stays one (its random moments are not the rule's).
+      gaussian=k_out.gaussian and root.random_moments is None,
       origins=root.origins | new_origin(), gathered_from=None)
   return [Field(new, x.axes)]
 

@@ -106,6 +106,14 @@ class Root:
     law: for a non-Gaussian z, its pair laws (`pairlaw.LazyLaw`, tied to these
       moment arrays) when they are tracked, so nonlinearities of z have a
       kernel; None otherwise. Ask `pairlaw.law_of(root)`, not this attribute.
+    random_moments: None when z's channel averages (its empirical second moments)
+      converge to deterministic values, as in every Tensor Program. Otherwise a
+      description of the finitely many random variables they keep depending on (the
+      attention weights of a fixed number of heads with 1/sqrt(head_dim) logits,
+      `rules.gaussian_logits`): z is then Gaussian only conditionally on them (a
+      Gaussian scale mixture, shared by all channels). Linear maps keep it such a
+      mixture with exact second moments; nonlinearities and normalisations of it are
+      refused.
   """
   nngp: jax.Array
   ntk: jax.Array
@@ -120,6 +128,7 @@ class Root:
   gathered_from: Any = None
   homogeneous: bool = True
   law: Any = None
+  random_moments: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

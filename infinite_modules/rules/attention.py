@@ -15,7 +15,8 @@ in the query and key fields and t = alpha beta their product scale:
   The logits' dependence on the query/key weights contributes O(1/C) to the NTK and
   vanishes in the limit (as in NT).
 * t = 1 / sqrt(C) (the usual scaling): S converges to a Gaussian process over (query,
-  key) positions and the attention weights stay random. Not implemented: refused.
+  key) positions and the attention weights stay random: `rules.gaussian_logits`
+  estimates the block's second moments by Monte Carlo over the Gaussian logits.
 
 Attention weights P (deterministic, per example, the same in every head) applied to a
 value field V: O(a, q) = sum_k P_a(q, k) V(a, k) per channel, a linear map of positions:
@@ -93,6 +94,10 @@ def logits_rule(interp: Interpreter, eqn, lhs: Field, rhs: Field):
                     "ways; their cross-covariance is not tracked.", _HINT)
   lroot = _materialized(interp, eqn, lhs)
   rroot = lroot if same else _materialized(interp, eqn, rhs)
+  for root in (lroot, rroot):
+    if root.random_moments is not None:
+      from infinite_modules.rules.gaussian_logits import mixture_error
+      raise mixture_error(eqn, root, "an attention layer (its logits)")
   if same and not interp.full:
     raise mo.NeedFullLayout()
   values = []
@@ -111,7 +116,13 @@ def logits_rule(interp: Interpreter, eqn, lhs: Field, rhs: Field):
     values.append(_to_output(eqn, width * s, batch_l, lb, lc, lhs, side))
   # Constant along the head axes: every head is an i.i.d. copy with the same limit.
   heads = frozenset(j for j, atoms in enumerate(batch_l) if atoms != ("b",))
-  return [Logits(values[0], values[1], batch_l.index(("b",)), heads, width, t, eqn.where)]
+  lfree = [i for i in range(len(lhs.axes)) if i not in lc and i not in lb]
+  rfree = [i for i in range(len(rhs.axes)) if i not in rc and i not in rb]
+  layout = tuple([atoms[0] for atoms in batch_l]
+                 + ["u" if lhs.axes[i] == ("u",) else "q" for i in lfree]
+                 + ["u" if rhs.axes[i] == ("u",) else "k" for i in rfree])
+  return [Logits(values[0], values[1], batch_l.index(("b",)), heads, width, t, eqn.where,
+                 lroot, rroot, layout)]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -130,12 +141,16 @@ class Logits:
   width: int
   scale: float
   where: str
+  query: Root  # the moments of the query and key fields z, z' (for Gaussian logits)
+  key: Root
+  layout: tuple  # per output axis: "b", a head (group) atom, "q", "k" or "u" (unit)
 
   def consumed_by(self, interp, eqn, invals):
     """The outputs of `eqn` if it keeps the logits pending, else None (then `resolve`).
 
     Products with (and divisions by) constant scalars update the scale; calls (jit,
-    custom_jvp) are entered with the logits still pending.
+    custom_jvp) are entered with the logits still pending. Any other use of 1/sqrt(C)
+    logits continues on Monte Carlo samples of their Gaussian limit.
     """
     from infinite_modules.interpreter import RULES, concrete_scalar, enter_call
     if RULES.get(eqn.name) is enter_call:
@@ -145,9 +160,13 @@ class Logits:
     elif eqn.name == "div" and len(invals) == 2 and invals[0] is self:
       other = invals[1]
     else:
-      return None
-    scalar = concrete_scalar(other)
+      other = None
+    scalar = None if other is None else concrete_scalar(other)
     if scalar is None or scalar == 0:
+      if abs(self.scale * np.sqrt(self.width) - 1) <= _SCALE_RTOL:
+        from infinite_modules.rules import gaussian_logits
+        sampled = gaussian_logits.sample(interp, eqn, self)
+        return sampled.consumed_by(interp, eqn, [sampled if v is self else v for v in invals])
       return None
     factor = 1.0 / scalar if eqn.name == "div" else scalar
     return [dataclasses.replace(self, scale=self.scale * factor)]

@@ -165,6 +165,11 @@ def elementwise_rule(interp, eqn, invals):
     # from bool/int (a mask h > 0) stay in phi, evaluated in the kernel's dtype.
     return [template]
   expr = ew.node(eqn.primitive, eqn.params, args)
+  if template.root.random_moments is not None and not ew.is_affine(expr):
+    # A Gaussian scale mixture's channel averages stay random: even a quadratic
+    # (a normalization's variance) has no kernel from its unconditional moments.
+    from infinite_modules.rules.gaussian_logits import mixture_error
+    raise mixture_error(eqn, template.root, "a nonlinearity")
   if not pairlaw.known(template.root) and not (ew.is_affine(expr) or ew.is_quadratic(expr)):
     # Raised here rather than where phi is materialized, so the message names
     # the nonlinearity's module, not its consumer's. Quadratics stay pending: a

@@ -50,6 +50,9 @@ def materialize(interp: Interpreter, eqn, field: Field) -> Root:
   try:
     root = ew.materialize(field.root, field.expr, interp.full, interp.points, interp.same_batch)
   except ew.NotGaussianError:
+    if field.root.random_moments is not None:
+      from infinite_modules.rules.gaussian_logits import mixture_error
+      raise mixture_error(eqn, field.root, "a nonlinearity") from None
     raise eqn.error(NOT_GAUSSIAN_WHY, NOT_GAUSSIAN_HINT) from None
   interp.materialized[key] = (field.root, field.expr, root)  # keeps the ids alive
   if _through_pair_law(field):
@@ -124,9 +127,13 @@ def _warn_zero_weight(interp: Interpreter, eqn, ref: ParamRef) -> None:
       UserWarning, stacklevel=2)
 
 
-def _new_root(nngp, ntk, var1, var2, spatial, channels) -> Root:
+def _new_root(nngp, ntk, var1, var2, spatial, channels, random_moments=None) -> Root:
+  # A matmul Gaussianizes an input whose second moments are deterministic; an input
+  # that is a Gaussian scale mixture (random second moments, `Root.random_moments`)
+  # gives a Gaussian scale mixture again, with the same exact second moments.
   return Root(nngp=nngp, ntk=ntk, var1=var1, var2=var2, mean1=None, mean2=None,
-              spatial=tuple(spatial), channels=channels, gaussian=True, origins=new_origin())
+              spatial=tuple(spatial), channels=channels, gaussian=random_moments is None,
+              origins=new_origin(), random_moments=random_moments)
 
 
 def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spatial, channels):
@@ -136,7 +143,8 @@ def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spa
   if root_in.ntk is not None:  # None: an input's moments (no parameter before them)
     ntk = factor * root_in.ntk + ntk
   return _new_root(factor * root_in.nngp, ntk,
-                   factor * root_in.var1, factor * root_in.var2, spatial, channels)
+                   factor * root_in.var1, factor * root_in.var2, spatial, channels,
+                   root_in.random_moments)
 
 
 def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype):
@@ -178,8 +186,7 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
     from infinite_modules.rules.attention import product_rule
     return product_rule(interp, eqn, invals)
   if lb or rb:
-    raise eqn.error("batched matrix products with parameters (per-position weights, e.g. "
-                    "nn.ConvLocal) or inputs are not supported.")
+    return _per_position_rule(interp, eqn, lhs, rhs)
   if isinstance(rhs, ParamRef) and isinstance(lhs, (Field, Concrete)):
     x, xc, w, wc, x_first = lhs, tuple(lc), rhs, tuple(rc), True
   elif isinstance(lhs, ParamRef) and isinstance(rhs, (Field, Concrete)):
@@ -238,6 +245,68 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
   return [Field(root, tuple(axes))]
 
 
+def _per_position_rule(interp: Interpreter, eqn, lhs, rhs):
+  """A product batched over positions with a weight that has its own entries at each
+  position (`nn.ConvLocal`, NT's `stax.ConvLocal`: locally connected), on an input.
+
+  y(p)_c = sum_j W[p, j, c] x(p)_j with W i.i.d. across positions, so
+    nngp'(p, p') = [p == p'] s^2 v sum_j x(p)_j x'(p)_j,  ntk' = [p == p'] g s^2 sum_j ...:
+  outputs at different positions are independent (different weights).
+  """
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  if isinstance(rhs, ParamRef) and isinstance(lhs, Concrete):
+    x, xc, xb, w, wc, wb, x_first = lhs, tuple(lc), tuple(lb), rhs, tuple(rc), tuple(rb), True
+  elif isinstance(lhs, ParamRef) and isinstance(rhs, Concrete):
+    x, xc, xb, w, wc, wb, x_first = rhs, tuple(rc), tuple(rb), lhs, tuple(lc), tuple(lb), False
+  else:
+    raise eqn.error(
+        "batched matrix products are supported between an input and a weight with its own "
+        "entries per position (nn.ConvLocal as a first layer); a locally connected layer "
+        "on a field (after another layer) is not.",
+        "Use nn.ConvLocal only on the inputs, or `interop.monte_carlo_kernel_fn`.")
+  if x.batch_axis is None or x.batch_axis in xc or x.batch_axis in xb:
+    raise eqn.error("a per-position weight is applied to a value without a batch axis or one "
+                    "that contracts or batches it.")
+  if any(w.leaf_axes[i] is None and w.shape[i] != 1 for i in wb):
+    raise eqn.error(f"the weight `{w.path}` is broadcast along the positions it is batched "
+                    "over (the same weight at every position: use a convolution).")
+  if [i for i in range(x.ndim) if i not in xc and i not in xb and i != x.batch_axis]:
+    raise eqn.error("a per-position product whose input keeps free axes besides the batch.")
+  out_axes, factor, grad = _weight(interp, eqn, w, wc + wb)
+  if len(out_axes) != 1:
+    raise eqn.error(f"the weight `{w.path}` must have one output (channel) axis.")
+  width_out = w.shape[out_axes[0]]
+  positions = tuple(x.v1.shape[i] for i in xb)
+
+  def arrange(v):  # (n, P, K): batch, the batched positions, the contracted entries
+    v = jnp.transpose(jnp.asarray(v, interp.dtype), [x.batch_axis, *xb, *xc])
+    return v.reshape(v.shape[0], int(np.prod(positions)), -1)
+
+  a = arrange(x.v1)
+  b = a if x.v2 is x.v1 else arrange(x.v2)
+  d = len(positions)
+
+  def moments(u, v, pair):
+    same = jnp.einsum("apk,bpk->abp" if pair else "apk,apk->ap", u, v)
+    lead = same.shape[:-1]
+    if interp.full:  # zero between different positions: independent weights
+      eye = jnp.eye(same.shape[-1], dtype=same.dtype)
+      same = same[..., :, None] * eye
+      return same.reshape(lead + positions + positions)
+    return same.reshape(lead + positions)
+
+  root_in = Root(nngp=moments(a, b, True), ntk=None, var1=moments(a, a, False),
+                 var2=moments(b, b, False), mean1=None, mean2=None, spatial=positions,
+                 channels=1, gaussian=False, origins=frozenset())
+  root = _scaled_layer(root_in, factor, grad, 1.0, positions, width_out)
+  batch_axes = [(k,) for k in range(d)]
+  x_axes = [("b",)]
+  w_axes = [("c",) if i == out_axes[0] else ("u",) for i in range(len(w.shape))
+            if i not in wc and i not in wb]
+  axes = (*batch_axes, *x_axes, *w_axes) if x_first else (*batch_axes, *w_axes, *x_axes)
+  return [Field(root, tuple(axes))]
+
+
 def _no_group_atoms(eqn, field: Field):
   if any(is_group(a) for atoms in field.axes for a in atoms):
     raise eqn.error(
@@ -290,6 +359,14 @@ def _dilation_index(n: int, dilation: int, lo: int, hi: int):
 def conv_rule(interp: Interpreter, eqn, invals):
   lhs, rhs = invals
   p = eqn.params
+  if isinstance(lhs, Field) and isinstance(rhs, Concrete):
+    # nn.ConvLocal extracts patches with a fixed one-hot kernel before its per-position
+    # product; on an input both are concrete, on a field the patches are not tracked.
+    raise eqn.error(
+        "a convolution of a field with a fixed (input-independent) kernel, e.g. the patch "
+        "extraction of a locally connected layer (nn.ConvLocal) after another layer, is not "
+        "supported; nn.ConvLocal on the inputs is.",
+        "Use nn.ConvLocal as a first layer, or `interop.monte_carlo_kernel_fn`.")
   if not isinstance(rhs, ParamRef) or not isinstance(lhs, (Field, Concrete)):
     raise eqn.error("only convolutions of a field or input with a weight parameter are exact.")
   if p["batch_group_count"] != 1:
@@ -546,7 +623,8 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
       var2=second(ra.var2, rb.var2, ma2, ma2, mb2, mb2, False),
       mean1=ma1 + mb1 if has_mean else None, mean2=ma2 + mb2 if has_mean else None,
       spatial=ra.spatial, channels=ra.channels, gaussian=ra.gaussian and rb.gaussian,
-      origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous)
+      origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous,
+      random_moments=ra.random_moments or rb.random_moments)
   if not root.gaussian and pairlaw.known(ra) and pairlaw.known(rb):
     # A post-activation residual stream: carry the pair laws of the sum, so a
     # nonlinearity of it has a kernel (`pairlaw`).

@@ -65,5 +65,8 @@ def multiply_independent(interp: Interpreter, eqn, a: Field, b: Field) -> Field:
       var1=ra.var1 * rb.var1, var2=ra.var2 * rb.var2,
       mean1=ma1 * mb1 if has_mean else None, mean2=ma2 * mb2 if has_mean else None,
       spatial=ra.spatial, channels=ra.channels, gaussian=False,
-      origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous)
+      origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous,
+      # A factor with random channel averages (attention's scale mixture) makes the
+      # product one too: its second moments are exact, its channel averages random.
+      random_moments=ra.random_moments or rb.random_moments)
   return Field(root, a.axes)

@@ -278,6 +278,10 @@ def reduce_sum_rule(interp, eqn, invals):
     try:
       m1, m2 = ew.means(x.root, x.expr, interp.full, interp.points)
     except ew.NotGaussianError:
+      if x.root.random_moments is not None:
+        from infinite_modules.rules.gaussian_logits import mixture_error
+        raise mixture_error(eqn, x.root, "a nonlinear statistic over the channels (e.g. "
+                            "LayerNorm's variance)") from None
       raise eqn.error("a nonlinear statistic of a non-Gaussian field has no exact rule.") from None
     c = x.root.channels * groups
     out = []
@@ -491,7 +495,9 @@ def _concat_channels(interp, eqn, fields) -> Field:
   root = Root(nngp=avg("nngp"), ntk=avg("ntk"), var1=avg("var1"), var2=avg("var2"),
               mean1=avg_mean("mean1"), mean2=avg_mean("mean2"), spatial=roots[0].spatial,
               channels=int(total), gaussian=False, origins=origins,
-              homogeneous=len(roots) == 1 and roots[0].homogeneous)
+              homogeneous=len(roots) == 1 and roots[0].homogeneous,
+              random_moments=next((r.random_moments for r in roots if r.random_moments),
+                                  None))
   return Field(root, fields[0].axes)
 
 

@@ -66,15 +66,18 @@ class Cross:
   ntk_ab: Any
   ntk_ba: Any
 
+  def arrays(self) -> tuple:
+    return (self.ab, self.ba, self.s1, self.s2, self.ntk_ab, self.ntk_ba)
+
   def swapped(self) -> Cross:
     """The cross moments of (b, a)."""
     return Cross(self.ba, self.ab, self.s1, self.s2, self.ntk_ba, self.ntk_ab)
 
   def scaled(self, c) -> Cross:
-    return Cross(*(c * x for x in dataclasses.astuple(self)))
+    return Cross(*(c * x for x in self.arrays()))
 
   def __add__(self, other: Cross) -> Cross:
-    return Cross(*(x + y for x, y in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+    return Cross(*(x + y for x, y in zip(self.arrays(), other.arrays())))
 
 
 def own_cross(root: Root) -> Cross:

@@ -17,6 +17,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.interpreter import RULES, Interpreter, run_jaxpr
 from infinite_modules.values import Concrete, Field, ParamRef
 
@@ -70,7 +71,12 @@ def scan_rule(interp: Interpreter, eqn, invals):
   for i in order:
     x_i = [_param_slice(x, i) if isinstance(x, ParamRef) else _concrete_slice(eqn, x, i)
            for x in xs]
-    outs = run_jaxpr(interp, j1, j2, jp, c1, c2, [*consts, *carry, *x_i], prefix=eqn.where)
+    try:
+      outs = run_jaxpr(interp, j1, j2, jp, c1, c2, [*consts, *carry, *x_i], prefix=eqn.where)
+    except InfiniteWidthError as e:
+      if n_carry and length > 1 and not any(isinstance(x, ParamRef) for x in xs):
+        raise _recurrence_error(eqn, length, e) from e
+      raise
     carry = outs[:n_carry]
     ys[i] = outs[n_carry:]
   stacked = []
@@ -85,6 +91,18 @@ def scan_rule(interp: Interpreter, eqn, invals):
       raise eqn.error("a scan stacks per-step outputs that are fields at some steps and "
                       "input-only values at others.")
   return [*carry, *stacked]
+
+
+def _recurrence_error(eqn, length: int, cause: Exception):
+  """The error of a recurrent cell's step, named as a recurrence."""
+  return eqn.error(
+      f"the recurrence scanned here (a cell applied at each of its {length} steps with the "
+      f"same weights, as in nn.RNN) has no exact kernel: {cause} -- Recurrences "
+      "h_t = phi(W_i x_t + W_h h_{t-1} + b) (nn.SimpleCell, hk.VanillaRNN) are exact; gated "
+      "cells (nn.LSTMCell, nn.OptimizedLSTMCell, nn.GRUCell) multiply their state by a gate "
+      "(c_t = f_t * c_{t-1} + i_t * g_t, h_t = (1 - z_t) * n_t + z_t * h_{t-1}): products of "
+      "dependent non-Gaussian fields, which have no exact kernel rule.",
+      "Use nn.SimpleCell, or `interop.monte_carlo_kernel_fn` for a Monte Carlo estimate.")
 
 
 def _stack(eqn, values) -> Concrete:

@@ -71,7 +71,7 @@ def test_last_state_equals_unrolled_network(parameterization):
     u = im.kernel_fn(Unrolled(), x1[:1], parameterization=parameterization)(x1, x2)
     np.testing.assert_allclose(k.nngp, u.nngp, rtol=1e-12)
     np.testing.assert_allclose(k.ntk, u.ntk, rtol=1e-12)
-    assert kf.layout == "diag"
+    assert kf.layout == "diagonal"
 
 
 def test_all_outputs_monte_carlo():

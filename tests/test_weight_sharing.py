@@ -124,6 +124,7 @@ class Reused(nn.Module):
   """g1 = d(relu(V x)); out = R relu(g1 + d(relu(g1))): d used twice, on dependent inputs."""
   width: int = 512
   tied: bool = True
+  n_out: int = 512
 
   @nn.compact
   def __call__(self, x):
@@ -131,7 +132,7 @@ class Reused(nn.Module):
     d = dense(self.width, 1.0, b_std=None, name="shared")
     second = d if self.tied else dense(self.width, 1.0, b_std=None, name="other")
     g1 = d(h)
-    return dense(self.width, 2.0, b_std=None, name="R")(nn.relu(g1 + second(nn.relu(g1))))
+    return dense(self.n_out, 2.0, b_std=None, name="R")(nn.relu(g1 + second(nn.relu(g1))))
 
 
 def _mc_inputs():
@@ -157,16 +158,16 @@ def test_reused_dense_nngp_monte_carlo():
 
 @pytest.mark.slow
 def test_reused_dense_ntk_monte_carlo():
-  """Mean empirical NTK of the real model (standard parameterization, width 256,
-  256 inits; the shared kernel's Jacobian sums over both uses) vs the kernel (slow:
-  ~15 min on 2 cores; the fast exact tests above cover the NTK cross terms)."""
+  """Mean empirical NTK of the real model (standard parameterization, width 256, 16
+  outputs, 256 inits; the shared kernel's Jacobian sums over both uses) vs the kernel
+  (slow; the fast exact tests above cover the NTK cross terms)."""
   x1, x2 = _mc_inputs()
-  model = Reused(width=256)
+  model = Reused(width=256, n_out=16)
   k = im.kernel_fn(model, x1[:1], parameterization="standard")(x1, x2)
   init, apply = linen_init_apply(model, x1[:1])
   est = mc_ntk(init, apply, np.concatenate([x1, x2]), samples=256, seed=4)
   assert_mc_close(est, len(x1), k.ntk, what="shared ntk")
-  wrong = im.kernel_fn(Reused(width=256, tied=False), x1[:1],
+  wrong = im.kernel_fn(Reused(width=256, tied=False, n_out=16), x1[:1],
                        parameterization="standard")(x1, x2)
   with pytest.raises(AssertionError):
     assert_mc_close(est, len(x1), wrong.ntk, what="independent ntk")

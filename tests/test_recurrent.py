@@ -78,7 +78,7 @@ def test_last_state_equals_unrolled_network(parameterization):
 def test_all_outputs_monte_carlo():
   """Mean over time of all states, width 512, 128 inits of the real nn.RNN: NNGP within
   5%; the kernel of the same recurrence with independent weights per step (no cross-time
-  moments) fails the same bound."""
+  moments) fails the same bound (measured: 0.6-1.1% vs 32-40%, MC noise 0.8%)."""
   x1 = _sequences(3, 2).astype(np.float32)
   x2 = _sequences(2, 3).astype(np.float32)
   x2[0] = 0.9 * x1[0] + 0.4 * x2[0]

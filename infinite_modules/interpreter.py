@@ -103,6 +103,12 @@ class Interpreter:
   # Steps estimated rather than computed exactly, and the sum of their error bounds.
   estimates: list = dataclasses.field(default_factory=list)
   error: object = 0.0
+  # Uses of every parameter and the joint law of shared weights' outputs (`sharing`).
+  sharing: object = None
+
+  def __post_init__(self):
+    from infinite_modules.sharing import SharedWeights
+    self.sharing = SharedWeights(self)
 
   def record_estimate(self, eqn: Eqn, method: str, error) -> None:
     """Marks the kernel as estimated at `eqn` with an absolute error bound `error`
@@ -120,11 +126,15 @@ class Interpreter:
     """
     return prior.variance if self.parameterization == "ntk" else 1.0
 
-  def claim(self, ref: ParamRef, eqn: Eqn):
-    if ref.leaf in self.used_params:
-      raise eqn.error(
-          f"parameter `{ref.path}` is used by more than one layer (weight sharing); "
-          "its infinite-width kernel needs correlated fields, which are not supported.")
+  def claim(self, ref: ParamRef, eqn: Eqn, shareable: bool = False):
+    """Records that `eqn` uses the parameter `ref`.
+
+    A parameter used again (weight sharing: a module called twice, a scan with
+    broadcast parameters, a recurrent cell) is allowed only where every use is
+    `shareable`: dense weights and biases, whose uses' joint law `sharing` tracks;
+    any other reuse raises an error naming the parameter and its uses.
+    """
+    self.sharing.claim(ref, eqn, shareable)
     self.used_params.add(ref.leaf)
 
 

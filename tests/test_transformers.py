@@ -195,24 +195,17 @@ def test_scan_over_layers_equals_the_unrolled_stack():
   np.testing.assert_allclose(scanned.ntk, unrolled.ntk, rtol=1e-6)
 
 
-def test_scan_with_broadcast_parameters_is_weight_sharing():
-  x = np.ones((2, 5), np.float32)
-  with pytest.raises(im.InfiniteWidthError, match="unsliced to each of its 3 iterations"):
-    im.kernel_fn(Stack(broadcast=True), x)
-
-
-@pytest.mark.parametrize("cell", [nn.SimpleCell, pytest.param(nn.LSTMCell, marks=pytest.mark.slow),
-                                  pytest.param(nn.GRUCell, marks=pytest.mark.slow)])
-def test_recurrent_cells_name_the_recurrence(cell):
-  class Recurrent(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      # (The default orthogonal recurrent kernel is not i.i.d.: refused by its prior first.)
-      rnn = nn.RNN(cell(16, recurrent_kernel_init=nn.initializers.normal(0.25)))
-      return nn.Dense(1)(rnn(x)[:, -1])
-
-  with pytest.raises(im.UnsupportedPrimitiveError, match=r"(?s)scan.*RNN.*recurrence"):
-    im.kernel_fn(Recurrent(), _sequences(2, 0))
+def test_scan_with_broadcast_parameters_shares_the_weights():
+  """One set of weights for every layer (variable_broadcast="params"): used to be refused;
+  each layer's output is the shared weight applied to the previous one, whose kernel
+  (`sharing`: the uses meet nowhere here) equals the unrolled stack's. Sums of dependent
+  uses have Monte Carlo evidence in tests/test_weight_sharing.py, recurrent cells in
+  tests/test_recurrent.py (nn.SimpleCell; gated cells raise there)."""
+  x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+  shared = im.kernel_fn(Stack(broadcast=True), x, parameterization="standard")(x)
+  unrolled = im.kernel_fn(Stack(scan=False), x, parameterization="standard")(x)
+  np.testing.assert_allclose(shared.nngp, unrolled.nngp, rtol=1e-5)
+  np.testing.assert_allclose(shared.ntk, unrolled.ntk, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- attention

@@ -5,8 +5,10 @@ sees slice i of each scanned-over input. For stacked parameters (`nn.scan(...,
 variable_axes={"params": 0})`: a leaf (L, *shape) holding L independent draws) the
 slices are independent parameters, one per layer, so each iteration is an ordinary
 layer with fresh weights: the unrolled network's kernel is exact. A parameter passed
-to every iteration unsliced (`variable_broadcast="params"`) is one weight used by all
-layers (weight sharing), which `Interpreter.claim` refuses.
+to every iteration unsliced (`variable_broadcast="params"`, a recurrent cell's weights
+in `nn.RNN`) is one weight used by all steps (weight sharing): `Interpreter.claim`
+accepts it for dense weights and biases, whose uses' joint law `sharing` tracks, and
+a scan's per-step output fields are stacked with their cross-step moments.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.interpreter import RULES, Interpreter, run_jaxpr
 from infinite_modules.values import Concrete, Field, ParamRef
 
@@ -47,22 +50,14 @@ def scan_rule(interp: Interpreter, eqn, invals):
   length, n_consts, n_carry = p["length"], p["num_consts"], p["num_carry"]
   consts, carry, xs = (invals[:n_consts], invals[n_consts:n_consts + n_carry],
                        invals[n_consts + n_carry:])
-  shared = [c for c in consts if isinstance(c, ParamRef)]
-  if shared and length > 1:
-    raise eqn.error(
-        f"the scan passes the parameter `{shared[0].path}` unsliced to each of its {length} "
-        "iterations: the same weights at every step (a recurrence such as nn.RNN's cell, or "
-        "nn.scan with variable_broadcast='params'). Weights shared across steps make the "
-        "fields of different steps correlated, which is not supported.",
-        "Give each layer its own parameters (nn.scan(..., variable_axes={'params': 0})), or "
-        "use `interop.monte_carlo_kernel_fn`.")
   for x in xs:
     if isinstance(x, Field):
       raise eqn.error(
-          "a scan over the positions of a field (a recurrence over time steps, as in nn.RNN) "
-          "applies the same weights at every step; weights shared across steps need "
-          "correlated fields, which are not supported.",
-          "Unroll the recurrence with separate parameters per step, or use "
+          "a scan over the positions of a field (a recurrence fed by a hidden layer, e.g. "
+          "an RNN on top of an embedding or of another RNN): the cross-step moments of "
+          "per-step slices of a field are not tracked; recurrences over the network's "
+          "input are supported.",
+          "Feed the recurrence the input sequence itself, or use "
           "`interop.monte_carlo_kernel_fn`.")
     if isinstance(x, ParamRef):
       if x.leaf_axes[0] is None:
@@ -76,19 +71,38 @@ def scan_rule(interp: Interpreter, eqn, invals):
   for i in order:
     x_i = [_param_slice(x, i) if isinstance(x, ParamRef) else _concrete_slice(eqn, x, i)
            for x in xs]
-    outs = run_jaxpr(interp, j1, j2, jp, c1, c2, [*consts, *carry, *x_i], prefix=eqn.where)
+    try:
+      outs = run_jaxpr(interp, j1, j2, jp, c1, c2, [*consts, *carry, *x_i], prefix=eqn.where)
+    except InfiniteWidthError as e:
+      if n_carry and length > 1 and not any(isinstance(x, ParamRef) for x in xs):
+        raise _recurrence_error(eqn, length, e) from e
+      raise
     carry = outs[:n_carry]
     ys[i] = outs[n_carry:]
   stacked = []
   for k in range(len(eqn.e1.outvars) - n_carry):
     per_step = [ys[i][k] for i in range(length)]
-    if not all(isinstance(y, Concrete) for y in per_step):
-      raise eqn.error(
-          "a scan stacks fields computed at different iterations into one array (per-layer "
-          "outputs of a field); their cross-covariances are not tracked.",
-          "Return only the carry from the scanned body.")
-    stacked.append(_stack(eqn, per_step))
+    if all(isinstance(y, Concrete) for y in per_step):
+      stacked.append(_stack(eqn, per_step))
+    elif all(isinstance(y, Field) for y in per_step):
+      # Per-step outputs (a recurrence's states): their cross-step moments (`sharing`).
+      stacked.append(interp.sharing.stack(interp, eqn, per_step))
+    else:
+      raise eqn.error("a scan stacks per-step outputs that are fields at some steps and "
+                      "input-only values at others.")
   return [*carry, *stacked]
+
+
+def _recurrence_error(eqn, length: int, cause: Exception):
+  """The error of a recurrent cell's step, named as a recurrence."""
+  return eqn.error(
+      f"the recurrence scanned here (a cell applied at each of its {length} steps with the "
+      f"same weights, as in nn.RNN) has no exact kernel: {cause} -- Recurrences "
+      "h_t = phi(W_i x_t + W_h h_{t-1} + b) (nn.SimpleCell, hk.VanillaRNN) are exact; gated "
+      "cells (nn.LSTMCell, nn.OptimizedLSTMCell, nn.GRUCell) multiply their state by a gate "
+      "(c_t = f_t * c_{t-1} + i_t * g_t, h_t = (1 - z_t) * n_t + z_t * h_{t-1}): products of "
+      "dependent non-Gaussian fields, which have no exact kernel rule.",
+      "Use nn.SimpleCell, or `interop.monte_carlo_kernel_fn` for a Monte Carlo estimate.")
 
 
 def _stack(eqn, values) -> Concrete:

@@ -76,8 +76,12 @@ def _through_pair_law(field: Field) -> bool:
   return not field.root.gaussian and not ew.is_affine(field.expr) and pairlaw.known(field.root)
 
 
-def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]):
+def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...],
+            shareable: bool = False):
   """Checks a weight view; returns (its output axes in the view, prior variance * s^2, g * s^2).
+
+  `shareable`: the rule records its output with `interp.sharing.weight_use`, so the
+  weight may be used more than once (weight sharing).
 
   The output axes are the free axes the leaf varies along. Several of them
   (`DenseGeneral(features=(heads, head_dim))`) hold i.i.d. outputs like one
@@ -105,7 +109,7 @@ def _weight(interp: Interpreter, eqn, ref: ParamRef, contracted: tuple[int, ...]
   wide = [i for i in wide[:-1] if ref.shape[i] != 1] + wide[-1:]
   if any(ref.leaf_axes[i] is None and ref.shape[i] != 1 for i in contracted):
     raise eqn.error(f"the weight `{ref.path}` is broadcast along a contracted axis.")
-  interp.claim(ref, eqn)
+  interp.claim(ref, eqn, shareable)
   s2 = float(ref.factor) ** 2
   if ref.prior.variance * s2 == 0:
     _warn_zero_weight(interp, eqn, ref)
@@ -195,7 +199,7 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
     raise eqn.error(
         "only products of a field or input with a weight parameter have an exact kernel "
         "(besides attention: field x field and input-dependent weights x field).")
-  out_axes, factor, grad = _weight(interp, eqn, w, wc)
+  out_axes, factor, grad = _weight(interp, eqn, w, wc, shareable=True)
   width_out = w.shape[out_axes[-1]]
   # Several output axes: the last is the channel axis, the others finite channel groups.
   w_axes = [("c",) if i == out_axes[-1] else (group_atom(w.shape[i]),) if i in out_axes
@@ -208,6 +212,8 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
     free = [i for i in range(x.ndim) if i not in xc and i != x.batch_axis]
     root_in = _input_moments(x.v1, x.v2, x.batch_axis, xc, free, interp.full, interp.dtype)
     root = _scaled_layer(root_in, factor, grad, 1.0, root_in.spatial, width_out)
+    # Every use is recorded: a later use of the same weight is correlated with this one.
+    root = interp.sharing.weight_use(interp, eqn, w, x, root, 1.0, xc)
     x_axes, j = [], 0
     for i in range(x.ndim):
       if i == x.batch_axis:
@@ -238,6 +244,7 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
         var2=mo.diagonal_sum(root_in.var2, 1, d, interp.full, dims))
     spatial = [root_in.spatial[k] for k in keep]
     root = _scaled_layer(reduced, factor, grad, root_in.channels * groups, spatial, width_out)
+    root = interp.sharing.weight_use(interp, eqn, w, x, root, root_in.channels * groups)
     renumber = {k: j for j, k in enumerate(keep)}
     x_axes = [tuple(renumber.get(a, a) for a in x.axes[i]) for i in range(len(x.axes))
               if i not in xc]
@@ -479,7 +486,7 @@ def add_bias(interp: Interpreter, eqn, field: Field, ref: ParamRef, sign: float)
   _per_channel(eqn, field, ref, "bias")
   if isinstance(ref.factor, Concrete):
     raise eqn.error(f"the bias `{ref.path}` is scaled by an input-dependent value.")
-  interp.claim(ref, eqn)
+  interp.claim(ref, eqn, shareable=True)
   s = sign * float(ref.factor)
   mu, var = s * ref.prior.mean, s * s * ref.prior.variance
   grad = interp.grad_coefficient(ref.prior) * s * s
@@ -498,8 +505,9 @@ def add_bias(interp: Interpreter, eqn, field: Field, ref: ParamRef, sign: float)
       root, nngp=second(root.nngp, m1, m2, True), ntk=root.ntk + grad,
       var1=second(root.var1, m1, m1, False), var2=second(root.var2, m2, m2, False),
       mean1=m1 + mu if has_mean else None, mean2=m2 + mu if has_mean else None,
-      gaussian=root.gaussian and (ref.prior.gaussian or var == 0),
-      origins=root.origins | (new_origin() if var > 0 else frozenset()), gathered_from=None)
+      gaussian=root.gaussian and (ref.prior.gaussian or var == 0), gathered_from=None)
+  # The bias's own origin token (the same at every use: a bias may be shared).
+  new = interp.sharing.bias_use(interp, eqn, ref, s, root, new)
   if var == 0 or ref.prior.gaussian:
     # A constant or Gaussian bias maps the pair laws of a non-Gaussian field exactly
     # (a shift, or the sum with an independent Gaussian of covariance v at both points).
@@ -590,6 +598,10 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
   ra = materialize(interp, eqn, a)
   rb = materialize(interp, eqn, b)
   if ch.shared(ra.origins, rb.origins):
+    # Outputs of one shared weight (d(x1) + d(x2)) have a known joint Gaussian law.
+    shared = interp.sharing.sum_dependent(eqn, a, b, sign) if a.axes == b.axes else None
+    if shared is not None:
+      return Field(shared, a.axes)
     raise eqn.error(
         "it adds two fields that depend on the same random parameters in different ways "
         "(e.g. z + relu(z + b)); their cross-covariance is not tracked, and assuming "
@@ -625,6 +637,7 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
       spatial=ra.spatial, channels=ra.channels, gaussian=ra.gaussian and rb.gaussian,
       origins=ra.origins | rb.origins, homogeneous=ra.homogeneous and rb.homogeneous,
       random_moments=ra.random_moments or rb.random_moments)
+  root = interp.sharing.sum_registered(root, ra, rb, sign)
   if not root.gaussian and pairlaw.known(ra) and pairlaw.known(rb):
     # A post-activation residual stream: carry the pair laws of the sum, so a
     # nonlinearity of it has a kernel (`pairlaw`).

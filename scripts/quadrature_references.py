@@ -66,9 +66,9 @@ def table(pieces: int, every: int = 1):
         continue
       for deriv, g in (("kappa", f), ("dkappa", df)):
         value = pair(g, g, va, vb, rho, m, -m, pieces)
-        scale = np.sqrt(pair(lambda z: g(z) ** 2, lambda z: 1.0 + 0 * z, va, vb, 1.0, m, -m, pieces)
-                        * pair(lambda z: 1.0 + 0 * z, lambda z: g(z) ** 2, va, vb, 1.0, m, -m,
-                               pieces))
+        square, one = (lambda z, g=g: g(z) ** 2), (lambda z: 1.0 + 0 * z)
+        scale = np.sqrt(pair(square, one, va, vb, 1.0, m, -m, pieces)
+                        * pair(one, square, va, vb, 1.0, m, -m, pieces))
         rows.append((name, deriv, va, vb, rho, m, -m))
         values.append((value, scale))
   return rows, np.asarray(values)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.nn import initializers as jinit
-from test_kernel_errors import IMG, X, Net, _kernel
+from test_kernel_errors import IMG, Net, X, _kernel
 
 import infinite_modules as im
 

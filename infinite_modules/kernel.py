@@ -72,6 +72,8 @@ def _check_names(names):
   bad = [n for n in names if n not in _GET_NAMES]
   if bad or not names:
     raise ValueError(f"`get` must name some of {_GET_NAMES}, got {names}.")
+  if len(set(names)) != len(names):
+    raise ValueError(f"`get` names a kernel more than once: {names}; name each once.")
 
 
 @__import__("functools").lru_cache(maxsize=None)

@@ -132,6 +132,9 @@ def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
   except NameError as e:
     _raise_named_axis(e)
     raise
+  except TypeError as e:
+    _raise_bad_apply_kwargs(e, apply_kwargs)
+    raise
   variables = dict(variables)
   if "params" not in variables:
     raise PriorError("The Flax module has no `params` collection: nothing to take to infinite width.")
@@ -148,6 +151,15 @@ def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
 
   prior_tree, paths = _resolve_priors(params, recorded, priors, "Flax module")
   return Traceable(apply, params, prior_tree, paths)
+
+
+def _raise_bad_apply_kwargs(error: TypeError, apply_kwargs) -> None:
+  """A keyword of `apply_kwargs` the model's `__call__` does not take: say which argument."""
+  if apply_kwargs and "unexpected keyword argument" in str(error):
+    raise ValueError(
+        f"The model does not accept apply_kwargs={dict(apply_kwargs)!r} ({error}). Pass only "
+        "keyword arguments of the model's __call__ (e.g. apply_kwargs={'train': False} for a "
+        "model whose __call__ takes `train`), or none.") from error
 
 
 def _raise_training_mode(error: Exception) -> None:
@@ -199,6 +211,9 @@ def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
   try:
     with hk_base.custom_creator_unsafe(creator):
       initialized = transformed.init(rng, x_example, **apply_kwargs)
+  except TypeError as e:
+    _raise_bad_apply_kwargs(e, apply_kwargs)
+    raise
   except ValueError as e:
     if "perhaps set an init function" not in str(e):
       raise

@@ -40,12 +40,27 @@ class Prior:
   def __post_init__(self):
     # Python floats: numpy scalars (fan-ins from np.prod) are not weakly typed in
     # JAX and would promote a float32 kernel to float64 under jax_enable_x64.
-    object.__setattr__(self, "variance", float(self.variance))
-    object.__setattr__(self, "mean", float(self.mean))
+    for field in ("variance", "mean"):
+      value = getattr(self, field)
+      if isinstance(value, (bool, complex, str)) or not _is_real_scalar(value):
+        raise PriorError(
+            f"Prior {field} must be one real number (the {field} of every entry: the "
+            f"entries are i.i.d.), got {value!r}. For per-entry distributions use "
+            "`interop.monte_carlo_kernel_fn`.")
+      object.__setattr__(self, field, float(value))
     if not (math.isfinite(self.variance) and self.variance >= 0):
       raise PriorError(f"Prior variance must be finite and >= 0, got {self.variance}.")
     if not math.isfinite(self.mean):
       raise PriorError(f"Prior mean must be finite, got {self.mean}.")
+
+
+def _is_real_scalar(value) -> bool:
+  """A number or 0-d array, real (finiteness is checked by the caller)."""
+  try:
+    float(value)
+  except (TypeError, ValueError):
+    return False
+  return np.ndim(value) == 0 and np.isrealobj(value)
 
 
 def truncated_normal_moments(lower: float, upper: float) -> tuple[float, float]:
@@ -274,6 +289,11 @@ def prior_from_initializer(init: Any, shape: Sequence[int], name: str = "?") -> 
     return Prior(0.0, 0.0)
   if init is jnp.ones:
     return Prior(0.0, 1.0)
+  if not callable(init):
+    raise PriorError(
+        f"The prior for `{name}` is {init!r}: expected an `im.Prior(variance=..., mean=...)` "
+        "or an initializer function (e.g. `jax.nn.initializers.normal(0.1)`). Pass "
+        f"`kernel_fn(..., priors={{'{name}': im.Prior(variance=..., mean=0.)}})`.")
   init, shape = unwrap_initializer(init, shape)
   if init is None:
     return Prior(0.0, 0.0)

@@ -180,6 +180,7 @@ class Stem(nn.Module):
     return nn.Dense(self.n_out, kernel_init=W1)(x.mean(axis=(1, 2)))
 
 
+@pytest.mark.slow  # test_resnet_examples' ResNet1 covers max pool -> residual stream fast
 def test_resnet_stem_with_residual_block_runs():
   x = _images().astype(np.float32)
   k = im.kernel_fn(Stem(), x[:1])(x)

@@ -138,7 +138,7 @@ def _mean_and_error(x):
   return mean, jnp.sqrt(var * n / (n - 1) / n)
 
 
-def max_pool_root(root: Root, pool: _Pool, out_spatial, full: bool) -> tuple[Root, jax.Array]:
+def max_pool_root(root: Root, pool: _Pool, out_spatial) -> tuple[Root, jax.Array]:
   """The moments of the pooled field (full layout) and the standard-error bound."""
   dtype = root.nngp.dtype
   p_in = int(np.prod(root.spatial))
@@ -258,7 +258,7 @@ def _pool_field(interp, eqn, x: Field, window, stride, padding, dilation) -> Fie
     raise eqn.error("a pooling window lies entirely in the padding.", HINT)
   phi, _ = ew._law_side(x.expr) if x.expr is not None else (lambda t: t, None)
   pool = _Pool(taps, phi, ex.derivative(phi))
-  root, error = max_pool_root(root_in, pool, out_spatial, interp.full)
+  root, error = max_pool_root(root_in, pool, out_spatial)
   interp.record_estimate(eqn, _method(taps), error)
   return Field(root, x.axes)
 

@@ -493,7 +493,7 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
   # phi(z) is no longer Gaussian; its pair laws are built only if a later
   # nonlinearity needs them (a post-activation residual sum).
   return pairlaw.attach(
-      out, lambda: pairlaw.law_of(root, full).push(f, gs).compress())
+      out, lambda: pairlaw.law_of(root, full).push_compress(f, gs))
 
 
 def _law_side(expr):
@@ -509,13 +509,13 @@ def _materialize_from_law(root: Root, expr, full: bool) -> Root:
   entry's law; the pushed-forward laws are kept for the next nonlinearity."""
   d = len(root.spatial)
   f, gs = _law_side(expr)
-  pushed = pairlaw.law_of(root, full).push(f, gs)
+  law = pairlaw.law_of(root, full)
+  nngp, var1, var2 = law.push_moments(f, gs)
   out = dataclasses.replace(
-      root, nngp=pushed.nngp.second_moment(), ntk=pushed.nngp.tangent(),
-      var1=pushed.var1.second_moment(), var2=pushed.var2.second_moment(),
-      mean1=diag_of(pushed.var1.mean_a(), d, full), mean2=diag_of(pushed.var2.mean_a(), d, full),
+      root, nngp=nngp["ab"], ntk=nngp["t"], var1=var1["ab"], var2=var2["ab"],
+      mean1=diag_of(var1["a"], d, full), mean2=diag_of(var2["a"], d, full),
       gaussian=False, gathered_from=None, law=None)
-  return pairlaw.attach(out, pushed.compress)
+  return pairlaw.attach(out, lambda: law.push_compress(f, gs))
 
 
 def _closed_form(expr, kinks, dtype):
@@ -603,8 +603,8 @@ def means(root: Root, expr, full: bool, points: int):
         raise NotGaussianError()
       f, gs = _law_side(expr)
       law = pairlaw.law_of(root, full)
-      out.append(diag_of(pairlaw.push(law.var1 if side == 0 else law.var2, f, f, gs, gs)
-                         .mean_a(), d, full))
+      sums = pairlaw.push_moments(law.var1 if side == 0 else law.var2, f, f, gs, gs)
+      out.append(diag_of(sums["a"], d, full))
       continue
     v = diag_of(var, d, full) - m * m
     out.append(_expectation(expr, switches(expr), cvals, v, m, points))

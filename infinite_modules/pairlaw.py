@@ -273,6 +273,138 @@ def compress(x: Mixture, grid: int = GRID) -> Mixture:
       t=None if x.t is None else totals[..., 3] / safe, theta=x.theta)
 
 
+# Particles (entries x components x quadrature nodes) one step of `push_moments` /
+# `push_compress` expands at a time (~8 arrays of this size live at once). Laws with
+# more are pushed in chunks of components by a `lax.scan`, so memory stays bounded
+# (a conv ResNet's full-layout moments easily reach 1e9 particles); smaller ones in
+# one piece, which is faster (one pass instead of two).
+_CHUNK_PARTICLES = 1 << 23
+# Columns of the per-entry particle sums of a pushed law (see `push_moments`).
+_SUMS = ("w", "a", "b", "aa", "bb", "ab", "t")
+
+
+def _components_in_chunks(x: Mixture, fa, fb, switches_a, switches_b):
+  """The flattened (entries, K) mixture split into chunks of components, for a scan:
+  returns (scanned arrays of shape (chunks, entries, chunk), shared per-entry arrays,
+  the particle count per component)."""
+  shape = x.a.shape[:-1]
+  entries, k = int(np.prod(shape)), x.size
+  dtype = jnp.result_type(x.a)
+  one = Mixture(*(jnp.zeros((1,) * n, dtype) for n in (2, 2, 2, 1, 1, 1)),
+                t=None if x.t is None else jnp.zeros((1, 1), dtype),
+                theta=None if x.t is None else jnp.zeros((1,), dtype))
+  per = jax.eval_shape(lambda m: push(m, fa, fb, switches_a, switches_b), one).a.shape[-1]
+  chunk = int(max(1, min(k, _CHUNK_PARTICLES // max(1, entries * per))))
+  count = -(-k // chunk)
+  pad = count * chunk - k
+
+  def split(v):  # E + (K,) -> (chunks, entries, chunk); padded components weigh 0
+    v = jnp.broadcast_to(v, x.a.shape).reshape(entries, k)
+    v = jnp.pad(v, ((0, 0), (0, pad)))
+    return jnp.moveaxis(v.reshape(entries, count, chunk), 1, 0)
+
+  scanned = [split(x.a), split(x.b), split(x.w)] + ([] if x.t is None else [split(x.t)])
+  shared = [v.reshape(entries) for v in (x.va, x.vb, x.c)] + (
+      [] if x.t is None else [x.theta.reshape(entries)])
+  return scanned, shared, per, count
+
+
+def _pushed_chunk(scanned, shared, fa, fb, switches_a, switches_b) -> Mixture:
+  tangent = len(scanned) == 4
+  a, b, w = scanned[:3]
+  va, vb, c = shared[:3]
+  return push(Mixture(a, b, w, va, vb, c, scanned[3] if tangent else None,
+                      shared[3] if tangent else None), fa, fb, switches_a, switches_b)
+
+
+def push_moments(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=()):
+  """Per-entry sums over the particles of `push(x, ...)`: a dict with
+  w = sum w_i, a = sum w_i a_i, b, aa, bb, ab = sum w_i a_i b_i, t = sum w_i t_i
+  (E[fa(u_A)], E[fa(u_A) fb(u_B)], the expected tangent, ...), computed without
+  materializing the pushed particles (a scan over chunks of components)."""
+  shape = x.a.shape[:-1]
+  scanned, shared, _, count = _components_in_chunks(x, fa, fb, switches_a, switches_b)
+
+  def sums(m):
+    t = jnp.zeros_like(m.a) if m.t is None else m.t
+    cols = [m.w, m.w * m.a, m.w * m.b, m.w * m.a * m.a, m.w * m.b * m.b, m.w * m.a * m.b,
+            m.w * t]
+    return jnp.stack([jnp.sum(v, axis=-1) for v in cols], axis=-1)
+
+  if count == 1:
+    total = sums(push(x, fa, fb, switches_a, switches_b))
+    return {name: total[..., i] for i, name in enumerate(_SUMS)}
+
+  def body(total, chunk):
+    return total + sums(_pushed_chunk(chunk, shared, fa, fb, switches_a, switches_b)), None
+
+  entries = int(np.prod(shape))
+  total, _ = jax.lax.scan(body, jnp.zeros((entries, len(_SUMS)), jnp.result_type(x.a)),
+                          scanned)
+  return {name: total[:, i].reshape(shape) for i, name in enumerate(_SUMS)}
+
+
+def push_compress(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=(),
+                  grid: int = GRID) -> Mixture:
+  """`compress(push(x, fa, fb, ...), grid)`. Beyond `_CHUNK_PARTICLES` particles, in
+  two scans over chunks of components (the first for the pushed law's moments, which
+  place the cells; the second bins the particles), so the particles are never all in
+  memory. Same result up to the order of floating-point sums."""
+  shape = x.a.shape[:-1]
+  entries = int(np.prod(shape))
+  cells = grid * grid
+  scanned, shared, per, count = _components_in_chunks(x, fa, fb, switches_a, switches_b)
+  if x.size * per <= cells:
+    return push(x, fa, fb, switches_a, switches_b)
+  if count == 1:
+    return compress(push(x, fa, fb, switches_a, switches_b), grid)
+  sums = {k: v.reshape(entries, 1) for k, v in
+          push_moments(x, fa, fb, switches_a, switches_b).items()}
+  mean_a, mean_b = sums["a"], sums["b"]
+  var_a = jnp.maximum(sums["aa"] - mean_a * mean_a, 0)
+  var_b = jnp.maximum(sums["bb"] - mean_b * mean_b, 0)
+  slope = (sums["ab"] - mean_a * mean_b) / jnp.where(var_a > 0, var_a, 1.0)
+  # r = b - slope a: its mean and variance follow from the sums.
+  mean_r = mean_b - slope * mean_a
+  var_r = jnp.maximum(sums["bb"] - 2 * slope * sums["ab"] + slope * slope * sums["aa"]
+                      - mean_r * mean_r, 0)
+  line = var_r <= _LINE * var_b
+  along_a = jnp.where(line, cells, grid)
+  along_r = cells // along_a
+  tangent = x.t is not None
+  ncols = 4 if tangent else 3
+  base = jnp.arange(entries, dtype=jnp.int32)[:, None] * cells
+
+  def bins(u, mean, var, count):
+    z = (u - mean) / jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 1.0)
+    cell = jnp.floor((z + _SPAN) / (2 * _SPAN) * count)
+    return jnp.clip(cell, 0, count - 1).astype(jnp.int32)
+
+  def body(total, chunk):
+    m = _pushed_chunk(chunk, shared, fa, fb, switches_a, switches_b)
+    a, b, w = m.a, m.b, m.w
+    r = b - slope * a
+    ids = base + bins(a, mean_a, var_a, along_a) * along_r + bins(r, mean_r, var_r, along_r)
+    cols = [w, w * a, w * b] + ([w * m.t] if tangent else [])
+    return total.at[ids.ravel()].add(jnp.stack([v.ravel() for v in cols], axis=-1)), None
+
+  dtype = jnp.result_type(x.a)
+  totals, _ = jax.lax.scan(body, jnp.zeros((entries * cells, ncols), dtype), scanned)
+  totals = totals.reshape(shape + (cells, ncols))
+  weight = totals[..., 0]
+  safe = jnp.where(weight > 0, weight, 1.0)
+  centre_a, centre_b = totals[..., 1] / safe, totals[..., 2] / safe
+  second = lambda name: sums[name].reshape(shape)
+  kept = lambda u, v: jnp.sum(weight * u * v, axis=-1)
+  zero = jnp.zeros(shape, dtype)
+  return Mixture(
+      a=centre_a, b=centre_b, w=weight,
+      va=jnp.maximum(second("aa") - kept(centre_a, centre_a), 0),
+      vb=jnp.maximum(second("bb") - kept(centre_b, centre_b), 0),
+      c=second("ab") - kept(centre_a, centre_b),
+      t=totals[..., 3] / safe if tangent else None, theta=zero if tangent else None)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PairLaw:
   """Pair laws of a root's variable z at every entry of its moment arrays
@@ -292,33 +424,62 @@ class PairLaw:
     """The laws of phi(z), phi = f (location-independent) with its switches, uncompressed."""
     return self.stacked(lambda m: push(m, f, f, switches, switches))
 
+  def push_compress(self, f: Callable, switches=()) -> PairLaw:
+    """The laws of phi(z), compressed (`push_compress`: never all particles in memory)."""
+    return self.stacked(lambda m: push_compress(m, f, f, switches, switches))
+
+  def push_moments(self, f: Callable, switches=()) -> tuple[dict, dict, dict]:
+    """`push_moments` of the three laws (nngp, var1, var2) under phi = f, in one scan."""
+    merged = self._merged()
+    if merged is None:
+      return tuple(push_moments(m, f, f, switches, switches) for m in self._parts())
+    sums = push_moments(merged, f, f, switches, switches)
+    return tuple({k: take(v) for k, v in sums.items()} for take, _ in self._pieces())
+
   def stacked(self, fn: Callable[[Mixture], Mixture]) -> PairLaw:
     """Applies `fn` to the three laws at once: their entries are stacked into one
     mixture (with zero tangents for var1 / var2), so the program is traced and
     compiled once instead of three times."""
-    parts = (self.nngp, self.var1, self.var2)
+    merged = self._merged()
+    if merged is None:
+      return self.map(lambda m, _: fn(m))
+    merged = fn(merged)
+    out = []
+    for take, tangent in self._pieces():
+      out.append(Mixture(take(merged.a), take(merged.b), take(merged.w), take(merged.va),
+                         take(merged.vb), take(merged.c), take(merged.t) if tangent else None,
+                         take(merged.theta) if tangent else None))
+    return PairLaw(*out)
+
+  def _parts(self):
+    return (self.nngp, self.var1, self.var2)
+
+  def _merged(self) -> Mixture | None:
+    """The three laws' entries stacked into one flat mixture (None if their sizes differ)."""
+    parts = self._parts()
     k = self.nngp.size
     if any(m.size != k for m in parts):
-      return self.map(lambda m, _: fn(m))
+      return None
     flat = lambda v, m: v.reshape((-1,) + v.shape[m.a.ndim - 1:])
     cat = lambda get: jnp.concatenate([flat(get(m), m) for m in parts])
-    merged = fn(Mixture(
+    return Mixture(
         cat(lambda m: m.a), cat(lambda m: m.b), cat(lambda m: jnp.broadcast_to(m.w, m.a.shape)),
         cat(lambda m: m.va), cat(lambda m: m.vb), cat(lambda m: m.c),
         cat(lambda m: m.t if m.t is not None else jnp.zeros_like(m.a)),
-        cat(lambda m: m.theta if m.theta is not None else jnp.zeros_like(m.va))))
+        cat(lambda m: m.theta if m.theta is not None else jnp.zeros_like(m.va)))
+
+  def _pieces(self):
+    """Per law: a function taking its entries back out of a merged array, and whether
+    the law carries a tangent."""
     out, start = [], 0
-    for m in parts:
+    for m in self._parts():
       shape = m.a.shape[:-1]
       stop = start + int(np.prod(shape))
       take = lambda v, start=start, stop=stop, shape=shape: v[start:stop].reshape(
           shape + v.shape[1:])
-      tangent = m.t is not None
-      out.append(Mixture(take(merged.a), take(merged.b), take(merged.w), take(merged.va),
-                         take(merged.vb), take(merged.c), take(merged.t) if tangent else None,
-                         take(merged.theta) if tangent else None))
+      out.append((take, m.t is not None))
       start = stop
-    return PairLaw(*out)
+    return out
 
 
 class LazyLaw:

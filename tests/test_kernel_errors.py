@@ -58,7 +58,10 @@ UNSUPPORTED = {
     "argmax": (lambda s, h: jnp.argmax(h, -1, keepdims=True).astype(h.dtype), X, "argmax", ""),
     "max_over_channels": (lambda s, h: h.max(-1, keepdims=True), X, "reduce_max", "maximum"),
     "softmax_over_features": (lambda s, h: nn.softmax(h), X, "reduce_max", "softmax"),
-    "max_pool": (lambda s, h: nn.max_pool(h, (2, 2)), IMG, "reduce_window_max", "max pool"),
+    # max pooling of Gaussian fields has an (estimated) kernel; of a residual stream not
+    "max_pool_of_residual_stream": (lambda s, h: nn.max_pool(h + nn.relu(nn.Conv(8, (3, 3))(h)),
+                                                             (2, 2)),
+                                    IMG, "reduce_window_max", "max pool"),
     "dependent_sum": (lambda s, h: h + nn.relu(h + _bias(s, h)), X, "add", "same random"),
     "dependent_sum_dense": (lambda s, h: h + nn.relu(h + nn.Dense(8)(h)), X, "add",
                             "same random"),

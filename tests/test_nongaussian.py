@@ -83,6 +83,28 @@ def test_compress_keeps_weight_means_second_moments_and_tangent(x64):
   np.testing.assert_allclose(var(small, "b"), var(law, "b"), rtol=1e-9)
 
 
+def test_push_compress_in_chunks_equals_push_then_compress(x64, monkeypatch):
+  """The chunked scans (several chunks forced, components padded) give compress(push(x))."""
+  relu = jax.nn.relu
+  rng = np.random.default_rng(3)
+  e, k = 4, 37
+  w = rng.random((e, k))
+  law = pairlaw.Mixture(*(jnp.asarray(v) for v in (
+      rng.normal(size=(e, k)), rng.normal(size=(e, k)), w / w.sum(-1, keepdims=True),
+      np.full(e, 0.5), np.full(e, 0.7), np.array([0.2, -0.1, 0.0, 0.3]),
+      rng.random((e, k)), np.full(e, 0.4))))
+  monkeypatch.setattr(pairlaw, "_CHUNK_PARTICLES", 4 * 10 * 900)  # 4 chunks of <= 10 components
+  want = jax.jit(lambda m: pairlaw.compress(pairlaw.push(m, relu, relu, RELU_SWITCH,
+                                                         RELU_SWITCH)))(law)
+  got = jax.jit(lambda m: pairlaw.push_compress(m, relu, relu, RELU_SWITCH, RELU_SWITCH))(law)
+  for name in ("a", "b", "w", "va", "vb", "c", "t", "theta"):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=1e-10, err_msg=name)
+  sums = pairlaw.push_moments(law, relu, relu, RELU_SWITCH, RELU_SWITCH)
+  np.testing.assert_allclose(sums["ab"], want.second_moment(), rtol=1e-10)
+  np.testing.assert_allclose(sums["t"], want.tangent(), rtol=1e-10)
+  np.testing.assert_allclose(sums["a"], want.mean_a(), rtol=1e-10)
+
+
 def test_law_on_a_line_keeps_all_cells(x64):
   """The law of a field at one point with itself (var arrays, equal inputs) lies on a
   line: its cells are spent along it, so relu(relu(g) + y) is accurate there too."""

@@ -5,6 +5,7 @@ from infinite_modules.rules import (  # noqa: F401
     elementwise,
     embedding,
     linear,
+    pooling_max,
     products,
     splits,
     structural,

@@ -162,6 +162,10 @@ def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype)
     pair = f"a{letters}z,b{letters}z->ab{letters}"
     single = f"a{letters}z,a{letters}z->a{letters}"
   nngp = jnp.einsum(pair, a, b)
+  if b is a:
+    # Exactly symmetric, so that every later step (all symmetric in the two
+    # sides) keeps it so (a matrix product's two triangles may round differently).
+    nngp = mo.mirror(nngp, d, full)
   var1 = jnp.einsum(single, a, a)
   var2 = var1 if b is a else jnp.einsum(single, b, b)
   return Root(nngp=nngp, ntk=None, var1=var1, var2=var2, mean1=None, mean2=None,
@@ -175,6 +179,7 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
                                                               for v in invals):
     # Queries x keys, attention weights x values.
     from infinite_modules.rules.attention import product_rule
+    interp.symmetric = False  # not known to compute both sides of a pair alike
     return product_rule(interp, eqn, invals)
   if lb or rb:
     raise eqn.error("batched matrix products with parameters (per-position weights, e.g. "

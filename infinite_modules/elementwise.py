@@ -346,7 +346,8 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
       (aa, ab), (ba, bb), (mma, mmb) = (pair_broadcast(sa[0], sb[0], d, full, pair),
                                         pair_broadcast(sa[1], sb[1], d, full, pair),
                                         pair_broadcast(ma, mb, d, full, pair))
-      return aa * ab * arr + aa * bb * mma + ba * ab * mmb + ba * bb
+      # Cross terms summed first (swapped in entry (b, a): exact symmetry for x2=None).
+      return aa * ab * arr + (aa * bb * mma + ba * ab * mmb) + ba * bb
 
     def grad(arr, sa, sb, pair):
       aa, ab = pair_broadcast(sa, sb, d, full, pair)

@@ -153,15 +153,29 @@ class BiasConvFlatten(nn.Module):
     return nn.Dense(1, kernel_init=init, bias_init=nn.initializers.normal(0.1))(x)
 
 
-@pytest.mark.parametrize("model", [ReluMLP(), BiasConvFlatten(), ConvStack(2, pool=True)],
-                         ids=["mlp", "conv_bias_flatten", "conv_pooled"])
-def test_x2_none_symmetric_without_a_final_mirror(model):
+class TwoBranchLayerNorm(nn.Module):
+  """Sums of independent fields with means, LayerNorm (location constants), biases."""
+
+  @nn.compact
+  def __call__(self, x):
+    init, bias = _he(), nn.initializers.normal(0.3)
+    h = nn.relu(nn.Dense(16, kernel_init=init, bias_init=bias)(x))
+    h = h + nn.relu(nn.Dense(16, kernel_init=init, bias_init=bias)(x))
+    h = nn.relu(nn.LayerNorm()(nn.Dense(16, kernel_init=init, bias_init=bias)(h)))
+    return nn.Dense(1, kernel_init=init, bias_init=bias)(h)
+
+
+@pytest.mark.parametrize("model, input_layers",
+                         [(ReluMLP(), 1), (BiasConvFlatten(), 1), (TwoBranchLayerNorm(), 2),
+                          (ConvStack(2, pool=True), 1)],
+                         ids=["mlp", "conv_bias_flatten", "two_branch_layernorm", "conv_pooled"])
+def test_x2_none_symmetric_without_a_final_mirror(model, input_layers):
   # Closed-form stacks in the diagonal layout are symmetric by construction (the input
   # Gram matrix is symmetrized once, every later step treats both sides alike), so the
   # compiled program has no (k + k^T) / 2 on the kernel: its transposed reads fuse into
   # the last layer and doubled the fcn benchmark's time. Pooled stacks keep the mirror.
   x = np.random.RandomState(4).randn(5, 6, 6, 2).astype(np.float32)
-  if isinstance(model, ReluMLP):
+  if isinstance(model, (ReluMLP, TwoBranchLayerNorm)):
     x = x.reshape(5, -1)
   kf = im.kernel_fn(model, x[:1])
   nngp, ntk = kf(x, None, get=("nngp", "ntk"))
@@ -173,8 +187,8 @@ def test_x2_none_symmetric_without_a_final_mirror(model):
   off = ~np.eye(len(x), dtype=bool)
   for ours, ref in zip((nngp, ntk), general):
     np.testing.assert_allclose(np.asarray(ours)[off], np.asarray(ref)[off], rtol=1e-5)
-  # One swap of the two inputs: the input Gram matrix's symmetrization (the final
-  # mirror adds two).
+  # Swaps of the two inputs: one per input Gram matrix's symmetrization (a final
+  # mirror would add two).
   transposes = str(jax.make_jaxpr(lambda a: kf(a, None, get=("nngp", "ntk")))(x)).count(
       "transpose[permutation=(1, 0")
-  assert transposes == (1 if kf.layout == "diagonal" else 3), transposes
+  assert transposes == input_layers + (0 if kf.layout == "diagonal" else 2), transposes

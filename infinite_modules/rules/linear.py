@@ -521,7 +521,9 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
       return xa + xb
     a1, b2 = mo.pair_broadcast(pa, qb, d, full, pair)
     b1, a2 = mo.pair_broadcast(qa, pb, d, full, pair)
-    return xa + xb + a1 * b2 + b1 * a2
+    # The cross terms summed first: entry (b, a) has them swapped, so this keeps
+    # the kernel of a batch with itself exactly symmetric.
+    return xa + xb + (a1 * b2 + b1 * a2)
 
   root = Root(
       nngp=second(ra.nngp, rb.nngp, ma1, ma2, mb1, mb2, True), ntk=ra.ntk + rb.ntk,

@@ -27,7 +27,13 @@ multiply-add per window tap, per moment entry and per layer; transcendentals not
 counted). The header records the machine and its load average.
 
   python benchmarks/kernels.py [--workloads fcn,cnn_flatten,cnn_gap] [--repeats 3]
-                               [--n fcn=256,cnn_gap=4] [--no-nt]
+                               [--n fcn=256,cnn_gap=4] [--no-nt] [--isolate]
+
+``--isolate`` runs each library in its own process (one after the other) and adds its
+peak memory: ``peak_rss_gb`` (the process's peak resident set) and, on a GPU/TPU,
+``device_peak_gb`` (``jax.devices()[0].memory_stats()["peak_bytes_in_use"]``); use it
+for the README network rows and on an accelerator. ``temp_bytes`` is XLA's temporary
+buffer size for the compiled program (``memory_analysis()``).
 """
 
 from __future__ import annotations
@@ -143,6 +149,74 @@ def _timed(fn, x) -> float:
   return time.perf_counter() - start
 
 
+def _memory(compiled) -> dict:
+  """XLA's buffer sizes for the compiled program (temporaries: the working memory)."""
+  try:
+    m = compiled.memory_analysis()
+    return {"temp_bytes": float(m.temp_size_in_bytes)}
+  except Exception:  # noqa: BLE001  (not every backend reports it)
+    return {}
+
+
+def _peaks() -> dict:
+  """Peak resident memory of this process and, on an accelerator, peak device memory."""
+  import resource
+  out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["device_peak_gb"] = stats["peak_bytes_in_use"] / 2 ** 30
+  return out
+
+
+def run_side(name: str, w: Workload, side: str, repeats: int, save: str) -> dict:
+  """One library alone in this process (`--isolate`): its time, first call and peak
+  memory (the process's peak RSS, `memory_stats()` on an accelerator); the kernels
+  are saved to `save` (.npz) for the comparison."""
+  x = np.random.RandomState(0).randn(w.n, *w.shape).astype(np.float32)
+  jax.block_until_ready(jax.jit(lambda a: a * 2)(np.ones(3, np.float32)))
+  start = time.perf_counter()
+  if side == "ours":
+    kf = im.kernel_fn(FlaxNet(w), x[:1])
+    fn = jax.jit(lambda a: tuple(kf(a, None, get=("nngp", "ntk"))))
+  else:
+    nt = nt_kernel_fn(w)
+    fn = jax.jit(lambda a: tuple(nt(a, None, ("nngp", "ntk"))))
+  out = jax.block_until_ready(fn(x))
+  first = time.perf_counter() - start
+  best = min(_timed(fn, x) for _ in range(repeats))
+  np.savez(save, nngp=np.asarray(out[0]), ntk=np.asarray(out[1]))
+  compiled = fn.lower(x).compile()
+  return {"seconds": best, "first_call_s": first, "ms_per_entry": best * 1000 / w.n ** 2,
+          **_cost(compiled), **_memory(compiled), **_peaks()}
+
+
+def run_isolated(name: str, w: Workload, repeats: int, use_nt: bool) -> dict:
+  """Each library in its own process (peak memory is per process), then compared."""
+  import subprocess
+  import tempfile
+  row = {"workload": name, "n": w.n, "input_shape": list(w.shape), "depth": w.depth,
+         "width": w.width, "readout": w.readout, "min_flops": w.min_flops(), "isolated": True}
+  outs = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for side in ("ours", "nt") if use_nt else ("ours",):
+      save = os.path.join(tmp, f"{side}.npz")
+      cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{side}:{name}:{w.n}",
+             "--repeats", str(repeats), "--save", save]
+      done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if done.returncode != 0:
+        row[side] = {"error": done.stderr.strip().splitlines()[-1:] or [str(done.returncode)]}
+        continue
+      row[side] = json.loads(done.stdout.strip().splitlines()[-1])
+      outs[side] = dict(np.load(save))
+  if "ours" in outs and "nt" in outs:
+    row["ratio"] = row["nt"]["seconds"] / row["ours"]["seconds"]
+    row["first_call_ratio"] = row["nt"]["first_call_s"] / row["ours"]["first_call_s"]
+    row["max_rel_diff"] = max(
+        float(np.max(np.abs(outs["ours"][k].astype(np.float64) - outs["nt"][k]))
+              / np.max(np.abs(outs["nt"][k]))) for k in ("nngp", "ntk"))
+  return row
+
+
 def run(name: str, w: Workload, repeats: int, use_nt: bool) -> dict:
   x = np.random.RandomState(0).randn(w.n, *w.shape).astype(np.float32)
   sides = {}
@@ -172,7 +246,7 @@ def run(name: str, w: Workload, repeats: int, use_nt: bool) -> dict:
     best = min(times[side])
     row[side] = {"seconds": best, "first_call_s": s["first_call_s"],
                  "ms_per_entry": best * 1000 / w.n ** 2,
-                 **_cost(s["fn"].lower(x).compile())}
+                 **_cost(s["fn"].lower(x).compile()), **_memory(s["fn"].lower(x).compile())}
   if "nt" in sides:
     row["ratio"] = row["nt"]["seconds"] / row["ours"]["seconds"]
     row["first_call_ratio"] = row["nt"]["first_call_s"] / row["ours"]["first_call_s"]
@@ -191,7 +265,17 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--n", default="", help="batch size overrides, e.g. fcn=256,cnn_gap=4")
   parser.add_argument("--no-nt", action="store_true", help="our side only")
+  parser.add_argument("--isolate", action="store_true",
+                      help="each library in its own process (peak RSS / device memory per "
+                           "library; use on an accelerator)")
+  parser.add_argument("--child", help=argparse.SUPPRESS)  # side:workload:n, for --isolate
+  parser.add_argument("--save", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.child:
+    side, name, n = args.child.split(":")
+    w = dataclasses.replace(WORKLOADS[name], n=int(n))
+    print(json.dumps(run_side(name, w, side, args.repeats, args.save)), flush=True)
+    return
   sizes = dict(item.split("=") for item in args.n.split(",") if item)
   header = {"machine": platform.machine(), "cpus": os.cpu_count(),
             "device": str(jax.devices()[0]), "jax": jax.__version__,
@@ -203,7 +287,7 @@ def main(argv=None):
     w = WORKLOADS[name]
     if name in sizes:
       w = dataclasses.replace(w, n=int(sizes[name]))
-    row = run(name, w, args.repeats, not args.no_nt)
+    row = (run_isolated if args.isolate else run)(name, w, args.repeats, not args.no_nt)
     row["load_average"] = os.getloadavg()
     print(json.dumps(row), flush=True)
 

@@ -138,7 +138,11 @@ class KernelFn:
       nngp = nngp - root.mean1[:, None] * root.mean2[None, :]
       var1, var2 = var1 - root.mean1 ** 2, var2 - root.mean2 ** 2
     if same_batch:
-      nngp, ntk, var2 = _mirror(nngp), _mirror(ntk), var1
+      if full or not interp.symmetric:
+        # Not symmetric by construction (a pooling sums the two positions of a
+        # pair in different orders; a rule not known to be symmetric ran).
+        nngp, ntk = _mirror(nngp), _mirror(ntk)
+      var2 = var1
     return Kernel(nngp=nngp, ntk=ntk, cov1=var1, cov2=var2, shape1=tuple(x1.shape),
                   shape2=tuple(x2.shape), estimates=tuple(interp.estimates),
                   error=jnp.asarray(interp.error, dtype))
@@ -155,10 +159,10 @@ def _input_dtype(dtype):
 def _mirror(k):
   """(k + k^T) / 2: exactly symmetric (floating-point addition commutes).
 
-  The rules compute both triangles of a kernel of a batch with itself, but
-  the two sides of a pair do not enter symmetrically (the outer and inner
-  variables of a quadrature), so the triangles differ by the quadrature's
-  error; their mean is exactly symmetric and no less accurate.
+  Only where the computation is not symmetric by construction
+  (`Interpreter.symmetric`): the mean of the two triangles is exactly
+  symmetric and no less accurate, but its transposed reads fuse into the last
+  layer's work.
   """
   return (k + k.T) / 2
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from infinite_modules import expectations as ex
 from infinite_modules import pairlaw
-from infinite_modules.moments import diag_of, pair_broadcast, same_point
+from infinite_modules.moments import diag_of, mirror, pair_broadcast, same_point
 from infinite_modules.values import Root
 
 Z = ("z",)
@@ -388,7 +388,8 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
       (aa, ab), (ba, bb), (mma, mmb) = (pair_broadcast(sa[0], sb[0], d, full, pair),
                                         pair_broadcast(sa[1], sb[1], d, full, pair),
                                         pair_broadcast(ma, mb, d, full, pair))
-      return aa * ab * arr + aa * bb * mma + ba * ab * mmb + ba * bb
+      # Cross terms summed first (swapped in entry (b, a): exact symmetry for x2=None).
+      return aa * ab * arr + (aa * bb * mma + ba * ab * mmb) + ba * bb
 
     def grad(arr, sa, sb, pair):
       aa, ab = pair_broadcast(sa, sb, d, full, pair)
@@ -429,7 +430,7 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
                          points, same_batch)
     if not pairlaw.known(root) or ctx:
       raise NotGaussianError()
-    return _materialize_from_law(root, expr, full)
+    return _materialize_from_law(root, expr, full, same_batch)
 
   split = split_affine(expr) if ctx else None
   if split is not None:
@@ -454,8 +455,7 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
     cov = arr - ma_b * mb_b
     if form is not None:
       same = same_point(arr.shape[0], root.spatial, full, pair, same_batch)
-      kappa = ex.affine_kappa(form, cov, va_b, vb_b, 0, 0, same=same)
-      return kappa, ex.affine_dkappa(form, cov, va_b, vb_b, same=same)
+      return ex.affine_kappa_dkappa(form, cov, va_b, vb_b, same=same)
     fa, breaks_a = _side(expr, kinks, ctx_a, va_b, ma_b)
     fb, breaks_b = _side(expr, kinks, ctx_b, vb_b, mb_b)
     dfa, dfb = ex.derivative(fa), ex.derivative(fb)
@@ -471,6 +471,10 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
 
   pair_sides = _ctx_pair(ctx, d, full, True) if ctx else _Sides((), ())
   nngp, dk = moments(root.nngp, pair_sides.a, pair_sides.b, v1, v2, m1, m2, True)
+  if same_batch and form is None:
+    # Quadratures treat the two sides of a pair differently (outer and inner
+    # variable): mirrored here so the kernel stays exactly symmetric.
+    nngp, dk = mirror(nngp, d, full), mirror(dk, d, full)
   ctx11 = [(c[0], c[0]) for c in ctx]
   ctx22 = [(c[1], c[1]) for c in ctx]
   s11 = _ctx_pair(ctx11, d, full, False) if ctx else _Sides((), ())
@@ -496,6 +500,11 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
       out, lambda: pairlaw.law_of(root, full).push_compress(f, gs))
 
 
+def _mirrored(arr, d, full, same_batch):
+  """x2=None: the pair-law quadrature's two sides made exactly symmetric."""
+  return mirror(arr, d, full) if same_batch else arr
+
+
 def _law_side(expr):
   """phi (location-independent) and its switching functions, as `pairlaw.push` takes them."""
   f = lambda t: evaluate(expr, t, ())
@@ -503,7 +512,7 @@ def _law_side(expr):
              for g, mono in switches(expr)]
 
 
-def _materialize_from_law(root: Root, expr, full: bool) -> Root:
+def _materialize_from_law(root: Root, expr, full: bool, same_batch: bool = False) -> Root:
   """Moments of phi(z) for a non-Gaussian z of known pair laws (see `pairlaw`):
   E[phi(u_A) phi(u_B)] and E[phi'(u_A) phi'(u_B) T] by quadrature over each
   entry's law; the pushed-forward laws are kept for the next nonlinearity."""
@@ -512,7 +521,8 @@ def _materialize_from_law(root: Root, expr, full: bool) -> Root:
   law = pairlaw.law_of(root, full)
   nngp, var1, var2 = law.push_moments(f, gs)
   out = dataclasses.replace(
-      root, nngp=nngp["ab"], ntk=nngp["t"], var1=var1["ab"], var2=var2["ab"],
+      root, nngp=_mirrored(nngp["ab"], d, full, same_batch),
+      ntk=_mirrored(nngp["t"], d, full, same_batch), var1=var1["ab"], var2=var2["ab"],
       mean1=diag_of(var1["a"], d, full), mean2=diag_of(var2["a"], d, full),
       gaussian=False, gathered_from=None, law=None)
   return pairlaw.attach(out, lambda: law.push_compress(f, gs))

@@ -104,6 +104,34 @@ def _arccos_j1_jvp(primals, tangents):
   return arccos_j1(rho), arccos_j0(rho) * drho
 
 
+@jax.custom_jvp
+def arccos_j01(rho):
+  """(J_0(rho), J_1(rho)) from one square root and one arc tangent.
+
+  With s = sqrt((1 - rho)(1 + rho)) and theta = atan2(s, rho) = arccos(rho)
+  (for rho in [-1, 1]), J_0 = (pi - theta) / (2 pi) and J_1 = (s + (pi - theta)
+  rho) / (2 pi): the NNGP and the NTK of a ReLU layer share both
+  transcendentals (evaluated separately they cost three times as many, and
+  XLA does not merge `arccos` with the square root inside it). The reflected
+  values follow without more: J_0(-rho) = 1/2 - J_0(rho) and
+  J_1(-rho) = J_1(rho) - rho / 2. Derivatives as for `arccos_j0`/`arccos_j1`.
+  """
+  rho = jnp.clip(rho, -1.0, 1.0)
+  s = safe_sqrt((1 - rho) * (1 + rho))
+  rest = math.pi - jnp.arctan2(s, rho)
+  return rest / (2 * math.pi), (s + rest * rho) / (2 * math.pi)
+
+
+@arccos_j01.defjvp
+def _arccos_j01_jvp(primals, tangents):
+  (rho,), (drho,) = primals, tangents
+  j0, j1 = arccos_j01(rho)
+  gap = (1 - rho) * (1 + rho)
+  inside = gap > 0
+  slope = jnp.where(inside, 1 / (2 * math.pi * jnp.sqrt(jnp.where(inside, gap, 1.0))), 0.0)
+  return (j0, j1), (slope * drho, j0 * drho)
+
+
 # --------------------------------------------------------------------------
 # Closed forms. Each core f has kappa = E[f(u) f(v)], dkappa = E[f'(u) f'(v)]
 # and mean = E[f(u)] for zero-mean (u, v) with covariance [[va, c], [c, vb]].
@@ -131,6 +159,18 @@ class ReluPair:
     rho, _ = _correlation(c, va, vb, same)
     p, n = self.p, self.n
     return (p * p + n * n) * arccos_j0(rho) + 2 * p * n * arccos_j0(-rho)
+
+  def kappa_dkappa(self, c, va, vb, same=None):
+    """(kappa, dkappa) sharing the correlation and its two transcendentals
+    (`arccos_j01`); the reflected terms vanish for relu (n = 0) and are skipped."""
+    rho, norm = _correlation(c, va, vb, same)
+    j0, j1 = arccos_j01(rho)
+    p, n = self.p, self.n
+    kappa, dkappa = (p * p + n * n) * j1, (p * p + n * n) * j0
+    if p * n != 0:
+      kappa = kappa - 2 * p * n * (j1 - rho / 2)
+      dkappa = dkappa + 2 * p * n * (0.5 - j0)
+    return norm * kappa, dkappa
 
   def mean(self, v):
     return (self.p - self.n) * safe_sqrt(v) / math.sqrt(2 * math.pi)
@@ -617,22 +657,29 @@ def _recognize(phi, dtype) -> Affine | None:
   # parameters' error (~1e-7 in float32), far below the distance to a lookalike
   # (tanh-approximated GELU differs from exact GELU by 2e-4 relative and more).
   rtol = 1e-9 if f64 else 1e-5
-  z = jnp.asarray(_probe_points(), dtype)
-  try:
-    values = np.asarray(phi(z), np.float64)
-    d1 = lambda g: (lambda x: jax.jvp(g, (x,), (jnp.ones_like(x),))[1])
+  z = _probe_points().astype(dtype)
+  d1 = lambda g: (lambda x: jax.jvp(g, (x,), (jnp.ones_like(x),))[1])
+
+  def probes():
+    """phi on the probe points, phi and its first 4 derivatives at 0, phi(+-1)."""
     at0 = jnp.zeros((1,), dtype)
-    derivs = [float(np.asarray(phi(at0))[0])]
-    g = phi
+    derivs, g = [phi(at0)], phi
     for _ in range(4):
       g = d1(g)
-      derivs.append(float(np.asarray(g(at0))[0]))
+      derivs.append(g(at0))
+    return phi(z), jnp.concatenate(derivs), phi(jnp.asarray([1.0, -1.0], dtype))
+
+  try:
+    # One compiled program: evaluated op by op, the probes cost a dispatch (and a
+    # first-time compilation) per primitive, most of a small model's first call.
+    values, derivs, at_ones = (np.asarray(a, np.float64) for a in _run_compiled(probes))
   except Exception:  # noqa: BLE001  (phi not evaluable on probes: not a closed form)
     return None
   if not np.all(np.isfinite(values)):
     return None
+  derivs = [float(t) for t in derivs]
   zz = np.asarray(z, np.float64)
-  val = lambda x: float(np.asarray(phi(jnp.asarray([x], dtype)))[0])
+  val = lambda x: float(at_ones[0] if x == 1.0 else at_ones[1])
 
   def check(candidate: Affine) -> Affine | None:
     core = np.asarray(candidate.core(jnp.asarray(candidate.s * zz, dtype)), np.float64)
@@ -671,6 +718,12 @@ def _recognize(phi, dtype) -> Affine | None:
   return None
 
 
+def _run_compiled(fn, *args):
+  """fn(*args) as one compiled program run now, with concrete results even inside
+  a trace (a `jax.jit` call there would be staged into the surrounding trace)."""
+  return jax.jit(fn).lower(*args).compile()(*args)
+
+
 def kinks_only_at_zero(switches, dtype) -> bool:
   """Whether every switching function changes sign at most at z = 0, on a grid
   reaching |z| = 1e12.
@@ -680,16 +733,17 @@ def kinks_only_at_zero(switches, dtype) -> bool:
   only at 0.
   """
   magnitudes = np.geomspace(1e-6, 1e12, 400)
+  grid = np.stack([magnitudes, -magnitudes]).astype(dtype)  # numpy: concrete inside a trace
   with jax.ensure_compile_time_eval():
     for g in switches:
-      for side in (1.0, -1.0):
-        try:
-          values = np.asarray(g(jnp.asarray(side * magnitudes, dtype)), np.float64)
-        except Exception:  # noqa: BLE001  (not evaluable on its own: no closed form)
-          return False
-        positive = values > 0
-        if np.any(positive[1:] != positive[:-1]):
-          return False
+      try:
+        values = np.asarray(_run_compiled(g, grid), np.float64)  # one program, not op by op
+        values = np.broadcast_to(values, grid.shape)
+      except Exception:  # noqa: BLE001  (not evaluable on its own: no closed form)
+        return False
+      positive = values > 0
+      if np.any(positive[:, 1:] != positive[:, :-1]):
+        return False
   return True
 
 
@@ -716,6 +770,21 @@ def affine_dkappa(form: Affine, c, va, vb, same=None):
   s2 = form.s ** 2
   return form.a ** 2 * s2 * form.core.dkappa(s2 * c, s2 * va, s2 * vb,
                                              **_same_point(form.core, same))
+
+
+def affine_kappa_dkappa(form: Affine, c, va, vb, same=None):
+  """(`affine_kappa`, `affine_dkappa`) for zero-mean (u, v) in one pass: cores with
+  a `kappa_dkappa` method share their transcendentals between the two."""
+  both = getattr(form.core, "kappa_dkappa", None)
+  if both is None:
+    return affine_kappa(form, c, va, vb, 0, 0, same), affine_dkappa(form, c, va, vb, same)
+  s2 = form.s ** 2
+  core = form.core
+  k, dk = both(s2 * c, s2 * va, s2 * vb, **_same_point(core, same))
+  kappa = form.a ** 2 * k
+  if form.b != 0:
+    kappa = kappa + form.a * form.b * (core.mean(s2 * va) + core.mean(s2 * vb)) + form.b ** 2
+  return kappa, form.a ** 2 * s2 * dk
 
 
 def affine_mean(form: Affine, v):

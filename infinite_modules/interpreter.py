@@ -25,6 +25,7 @@ from infinite_modules.values import Concrete, Field, ParamRef
 
 Rule = Callable[..., list]
 RULES: dict[str, Rule] = {}
+_USER_RULES: set[str] = set()
 
 
 def register_rule(name: str, rule: Rule | None = None):
@@ -38,6 +39,8 @@ def register_rule(name: str, rule: Rule | None = None):
   if rule is None:
     return lambda r: register_rule(name, r)
   RULES[name] = rule
+  SYMMETRIC_RULES.discard(name)  # not known to compute both sides of a pair alike
+  _USER_RULES.add(name)
   return rule
 
 
@@ -98,6 +101,11 @@ class Interpreter:
   points: int
   # x2=None: both batches are the same, so (a, a) pairs are points paired with themselves.
   same_batch: bool = False
+  # x2=None: whether every step so far computed each pair array's entries (a, b) and
+  # (b, a) by the same floating-point operations (see `SYMMETRIC_RULES`), so the
+  # kernel is exactly symmetric without a final (k + k^T) / 2, whose transposed reads
+  # XLA fuses into the last layer's elementwise work (doubling an MLP's time).
+  symmetric: bool = True
   used_params: set = dataclasses.field(default_factory=set)
   materialized: dict = dataclasses.field(default_factory=dict)
   # Steps estimated rather than computed exactly, and the sum of their error bounds.
@@ -171,6 +179,7 @@ def apply_rule(interp: Interpreter, eqn: Eqn, invals):
   if deferred:
     # A value whose limit depends on how it is used next (attention logits: the scale
     # applied after the product decides between deterministic and Gaussian logits).
+    interp.symmetric = False
     outs = deferred[0].consumed_by(interp, eqn, invals)
     if outs is not None:
       return outs
@@ -181,7 +190,25 @@ def apply_rule(interp: Interpreter, eqn: Eqn, invals):
   if rule is None:
     raise eqn.error("there is no kernel transfer rule for it on infinite-width fields or "
                     "parameters.")
+  if eqn.name not in SYMMETRIC_RULES and not _elementwise(eqn.name):
+    interp.symmetric = False
   return rule(interp, eqn, invals)
+
+
+# Built-in rules that compute the two sides of every pair array alike, given
+# symmetric inputs in the diagonal layout: per-position linear maps and sums
+# (weights, convolution windows, slices, padding, reshapes), elementwise
+# expressions (whose moments `elementwise.materialize` computes symmetrically:
+# closed forms are symmetric functions of (c, va, vb); quadratures are mirrored
+# there), sums of independent fields, biases and scales. A rule not listed
+# here (attention, embeddings, scans, a user's rule) makes the kernel of
+# `x2=None` mirrored at the end instead. Checked by
+# tests/test_kernel_speed_structure.py.
+SYMMETRIC_RULES: set[str] = {
+    "dot_general", "conv_general_dilated", "reshape", "squeeze", "expand_dims", "transpose",
+    "broadcast_in_dim", "reduce_sum", "slice", "pad", "pjit", "jit", "closed_call",
+    "core_call", "remat", "checkpoint", "remat2", "custom_jvp_call", "custom_vjp_call",
+    "custom_vjp_call_jaxpr"}
 
 
 # Primitives whose rule must run even on concrete inputs.
@@ -307,3 +334,9 @@ def concrete_scalar(v) -> float | None:
     except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
       return None
   return None
+
+
+
+def _elementwise(name: str) -> bool:
+  from infinite_modules.elementwise import ELEMENTWISE
+  return name in ELEMENTWISE and name not in _USER_RULES

@@ -254,22 +254,50 @@ def pair_broadcast(side1, side2, d: int, full: bool, pair: bool):
 def same_point(n: int, spatial: tuple[int, ...], full: bool, pair: bool, same_batch: bool):
   """Which entries of a moment array pair a point (input, position) with itself.
 
-  A static boolean mask broadcasting against a pair array (n1, n2, *S[, *S])
+  A boolean mask broadcasting against a pair array (n1, n2, *S[, *S])
   (pair=True; only when both batches are the same, `same_batch`) or a single
   array (n, *S[, *S]); None if no entry does. In the diagonal layout every
-  entry of a single array is such a pair.
+  entry of a single array is such a pair. Built from iotas, which XLA fuses
+  into the consumer, rather than an (n, n, ...) constant embedded in the program.
   """
   d = len(spatial)
   if pair and not same_batch:
     return None
+  if not (full and d) and not pair:
+    return np.ones((1,) * (1 + d), dtype=bool)
+  shape, first, second = [], [], []
+  if pair:
+    shape += [n, n]
+    first.append(0)
+    second.append(1)
   if full and d:
     m = int(np.prod(spatial))
-    positions = np.eye(m, dtype=bool).reshape(spatial + spatial)
-  else:
-    positions = np.ones((1,) * d, dtype=bool)
+    lead = len(shape)
+    shape += [m, m]
+    first.append(lead)
+    second.append(lead + 1)
   if not pair:
-    return positions[None]
-  return np.eye(n, dtype=bool).reshape((n, n) + (1,) * positions.ndim) & positions[None, None]
+    shape = [1] + shape
+    first, second = [a + 1 for a in first], [a + 1 for a in second]
+  mask = None
+  for a, b in zip(first, second):
+    eq = lax.broadcasted_iota(np.int32, shape, a) == lax.broadcasted_iota(np.int32, shape, b)
+    mask = eq if mask is None else mask & eq
+  lead = shape[:1] if not pair else [n, n]
+  positions = tuple(spatial) * 2 if full and d else (1,) * d
+  return mask.reshape(tuple(lead) + positions)
+
+
+def mirror(arr, d: int, full: bool):
+  """(k + k^T) / 2 for a pair array of a batch with itself: exactly symmetric.
+
+  k^T swaps the two inputs (and, in the full layout, the two positions) of
+  every entry; floating-point addition commutes, so entry (a, b) and (b, a)
+  are the same number.
+  """
+  first = list(range(2, 2 + d))
+  order = [1, 0] + (list(range(2 + d, 2 + 2 * d)) + first if full else first)
+  return (arr + jnp.transpose(arr, order)) / 2
 
 
 def squeeze_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:

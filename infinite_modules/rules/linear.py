@@ -175,6 +175,10 @@ def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype)
     pair = f"a{letters}z,b{letters}z->ab{letters}"
     single = f"a{letters}z,a{letters}z->a{letters}"
   nngp = jnp.einsum(pair, a, b)
+  if b is a:
+    # Exactly symmetric, so that every later step (all symmetric in the two
+    # sides) keeps it so (a matrix product's two triangles may round differently).
+    nngp = mo.mirror(nngp, d, full)
   var1 = jnp.einsum(single, a, a)
   var2 = var1 if b is a else jnp.einsum(single, b, b)
   return Root(nngp=nngp, ntk=None, var1=var1, var2=var2, mean1=None, mean2=None,
@@ -188,6 +192,7 @@ def dot_general_rule(interp: Interpreter, eqn, invals):
                                                               for v in invals):
     # Queries x keys, attention weights x values.
     from infinite_modules.rules.attention import product_rule
+    interp.symmetric = False  # not known to compute both sides of a pair alike
     return product_rule(interp, eqn, invals)
   if lb or rb:
     return _per_position_rule(interp, eqn, lhs, rhs)
@@ -627,7 +632,9 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
       return xa + xb
     a1, b2 = mo.pair_broadcast(pa, qb, d, full, pair)
     b1, a2 = mo.pair_broadcast(qa, pb, d, full, pair)
-    return xa + xb + a1 * b2 + b1 * a2
+    # The cross terms summed first: entry (b, a) has them swapped, so this keeps
+    # the kernel of a batch with itself exactly symmetric.
+    return xa + xb + (a1 * b2 + b1 * a2)
 
   root = Root(
       nngp=second(ra.nngp, rb.nngp, ma1, ma2, mb1, mb2, True), ntk=ra.ntk + rb.ntk,

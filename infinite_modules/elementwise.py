@@ -22,6 +22,7 @@ import numpy as np
 
 from infinite_modules import expectations as ex
 from infinite_modules import pairlaw
+from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.moments import diag_of, mirror, pair_broadcast, same_point
 from infinite_modules.values import Root
 
@@ -443,6 +444,8 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
   v1 = diag_of(root.var1, d, full) - m1 * m1
   v2 = diag_of(root.var2, d, full) - m2 * m2
 
+  if not ctx:
+    _check_defined(expr, dtype)
   kinks = switches(expr)
   form = None
   if not ctx and root.mean1 is None and root.mean2 is None:
@@ -584,6 +587,34 @@ def _structure(expr):
 
 class NotGaussianError(Exception):
   """A nonlinearity was applied to a field that is not Gaussian."""
+
+
+class UndefinedPhiError(InfiniteWidthError):
+  """phi is NaN for some real inputs, which a Gaussian field takes (sqrt, log)."""
+
+
+def _check_defined(expr, dtype):
+  """Raises `UndefinedPhiError` if the location-free phi is NaN somewhere on the line
+  (memoized by phi's structure, like closed-form recognition)."""
+  key = _structure(expr)
+  if key is not None:
+    key = (key, jnp.dtype(dtype).name)
+    if key in _DEFINED:
+      point = _DEFINED[key]
+    else:
+      point = ex.first_undefined_point(lambda t: evaluate(expr, t, ()), dtype)
+      if len(_DEFINED) < 1024:
+        _DEFINED[key] = point
+  else:
+    point = ex.first_undefined_point(lambda t: evaluate(expr, t, ()), dtype)
+  if point is not None:
+    raise UndefinedPhiError(
+        f"the nonlinearity is undefined (NaN) at z = {point:.3g}, but its input is a Gaussian "
+        "field that takes every real value (e.g. sqrt or log of a pre-activation), so its "
+        "expectation does not exist.")
+
+
+_DEFINED: dict = {}
 
 
 def means(root: Root, expr, full: bool, points: int):

@@ -724,6 +724,26 @@ def _run_compiled(fn, *args):
   return jax.jit(fn).lower(*args).compile()(*args)
 
 
+def first_undefined_point(phi, dtype) -> float | None:
+  """A point z (0 < |z| <= 30) where phi(z) is NaN, or None.
+
+  A Gaussian field takes every real value, so phi must be defined on the whole
+  line (`sqrt` or `log` of a field are not): quadrature would otherwise return a
+  NaN kernel, or a wrong one where no node happens to land on the bad region.
+  Overflow to +-inf (exp of a large z) is not flagged: far tails carry no weight.
+  """
+  magnitudes = np.geomspace(1e-6, 30.0, 600)
+  grid = np.concatenate([-magnitudes[::-1], magnitudes]).astype(dtype)
+  with jax.ensure_compile_time_eval():
+    try:
+      values = np.asarray(_run_compiled(phi, grid), np.float64)
+    except Exception:  # noqa: BLE001  (not evaluable on its own: checked where it is used)
+      return None
+  values = np.broadcast_to(values, grid.shape)
+  bad = np.isnan(values)
+  return float(grid[np.argmax(bad)]) if np.any(bad) else None
+
+
 def kinks_only_at_zero(switches, dtype) -> bool:
   """Whether every switching function changes sign at most at z = 0, on a grid
   reaching |z| = 1e12.

@@ -154,3 +154,28 @@ def test_custom_vjp_activation_is_integrated_as_its_primal():
   k_custom = _kernel(Net(lambda s, h: _custom_vjp_stop(h)))
   k_plain = _kernel(Net(lambda s, h: jnp.tanh(h)))
   np.testing.assert_allclose(k_custom.ntk, k_plain.ntk, rtol=1e-5)
+
+
+@pytest.mark.parametrize("phi", [jnp.sqrt, jnp.log, lambda h: jnp.sqrt(h) + jnp.tanh(h)],
+                         ids=["sqrt", "log", "sqrt_plus_tanh"])
+def test_nonlinearity_undefined_on_part_of_the_line_raises(phi):
+  # A Gaussian field takes every real value: sqrt / log of it has no expectation
+  # (quadrature used to return a NaN kernel without a word).
+  with pytest.raises(im.InfiniteWidthError) as info:
+    _kernel(_Activation(phi))
+  message = str(info.value)
+  assert "undefined (NaN)" in message and "Gaussian" in message, message
+  assert "monte_carlo_kernel_fn" in message, message
+
+
+def test_nonlinearity_defined_everywhere_is_not_refused():
+  k = _kernel(_Activation(lambda h: jnp.sqrt(h * h + 1e-3)))
+  assert np.all(np.isfinite(np.asarray(k.nngp))) and np.all(np.isfinite(np.asarray(k.ntk)))
+
+
+class _Activation(nn.Module):
+  phi: object
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(1)(self.phi(nn.Dense(8)(x)))

@@ -54,6 +54,9 @@ def materialize(interp: Interpreter, eqn, field: Field) -> Root:
       from infinite_modules.rules.gaussian_logits import mixture_error
       raise mixture_error(eqn, field.root, "a nonlinearity") from None
     raise eqn.error(NOT_GAUSSIAN_WHY, NOT_GAUSSIAN_HINT) from None
+  except ew.UndefinedPhiError as err:
+    raise eqn.error(str(err), "Apply it to a positive field (e.g. sqrt(softplus(h)) or "
+                    "sqrt(h * h + eps)), or use `interop.monte_carlo_kernel_fn`.") from None
   interp.materialized[key] = (field.root, field.expr, root)  # keeps the ids alive
   if _through_pair_law(field):
     interp.record_estimate(eqn, PAIR_LAW_METHOD,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy  # for jax.numpy.result_type
 import numpy as np
 
 from infinite_modules.errors import InfiniteWidthError, PriorError
@@ -198,9 +199,11 @@ def _raise_named_axis(error: Exception) -> None:
         "evaluation mode, e.g. apply_kwargs={'train': False}.") from error
 
 
-def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
+def _from_haiku(transformed, x_example, priors, apply_kwargs, rng, given_state=None) -> Traceable:
   import haiku as hk
   from haiku._src import base as hk_base
+
+  from infinite_modules.haiku_state import init_creating_eval_averages
 
   recorded: dict[str, Any] = {}
 
@@ -208,28 +211,29 @@ def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
     recorded[f"{context.module_name}/{context.name}"] = init
     return next_creator(shape, dtype, init)
 
+  with_state = isinstance(transformed, hk.TransformedWithState)
+  if given_state is not None and not with_state:
+    raise TypeError("HaikuWithState needs a model made by hk.transform_with_state, got "
+                    f"{type(transformed).__name__}.")
   try:
     with hk_base.custom_creator_unsafe(creator):
-      initialized = transformed.init(rng, x_example, **apply_kwargs)
+      if given_state is not None:
+        # Evaluation BatchNorms read averages that init cannot create: create
+        # placeholders so init runs; the state applied is `given_state`.
+        params, state, _ = init_creating_eval_averages(transformed, rng, x_example, apply_kwargs)
+      else:
+        initialized = transformed.init(rng, x_example, **apply_kwargs)
+        params, state = initialized if with_state else (initialized, None)
   except TypeError as e:
     _raise_bad_apply_kwargs(e, apply_kwargs)
     raise
   except ValueError as e:
     if "perhaps set an init function" not in str(e):
       raise
-    # Initialized with is_training=True instead, the averages would be x_example's
-    # per-channel batch statistics: constants that differ between channels, which
-    # the kernel refuses (its channels must be exchangeable).
-    raise InfiniteWidthError(
-        f"Haiku could not create the model's state ({e}). hk.BatchNorm with "
-        "is_training=False reads running averages that only training creates, and trained "
-        "averages differ from channel to channel, so the channels of an infinitely wide layer "
-        "would not be identically distributed: there is no infinite-width kernel of the "
-        "model as initialized. Use a normalization over channels (hk.LayerNorm) in the "
-        "model given to kernel_fn, or `interop.monte_carlo_kernel_fn` for the model "
-        "with its trained state.") from e
-  with_state = isinstance(transformed, hk.TransformedWithState)
-  params, state = initialized if with_state else (initialized, None)
+    raise _haiku_missing_state_error(e, with_state) from e
+  if given_state is not None:
+    _check_same_state_layout(state, given_state)
+    state = given_state
 
   # hk.without_apply_rng(...) drops the rng argument of apply.
   rng_args = (None,) if _haiku_apply_takes_rng(transformed, params, state, x_example,
@@ -246,6 +250,45 @@ def _from_haiku(transformed, x_example, priors, apply_kwargs, rng) -> Traceable:
   # Haiku stores params as {module_name: {param_name: array}}.
   prior_tree, paths = _resolve_priors(params, recorded, priors, "Haiku transform")
   return Traceable(apply, params, prior_tree, paths)
+
+
+def _haiku_missing_state_error(error: Exception, with_state: bool) -> InfiniteWidthError:
+  # Initialized with is_training=True instead, the averages would be x_example's
+  # per-channel statistics through random weights: not a fixed affine map.
+  wrap = "" if with_state else ("Make the model with hk.transform_with_state (BatchNorm keeps "
+                                "state), then ")
+  return InfiniteWidthError(
+      f"Haiku could not create the model's state ({error}). hk.BatchNorm with "
+      "is_training=False reads running averages that only training creates; initialized "
+      "in training mode they would be the example batch's statistics through random weights, "
+      "which have no exact kernel. The kernel is defined for the initial running statistics "
+      "(mean 0, variance 1: each BatchNorm is then the affine map of its scale and offset). "
+      f"{wrap}build that state with `state = im.haiku_eval_state(model, x_example, "
+      "apply_kwargs=...)` and pass `im.HaikuWithState(model, state)` to kernel_fn; for a "
+      "model with its trained state use `interop.monte_carlo_kernel_fn`.")
+
+
+def _check_same_state_layout(created, given) -> None:
+  """Every state entry the model reads (created at init) is in `given` with its shape/dtype.
+
+  `given` may hold more (e.g. the EMA counters evaluation does not read).
+  """
+  for module, entries in created.items():
+    for name, value in entries.items():
+      other = given.get(module, {}).get(name) if isinstance(given, Mapping) else None
+      if other is None or np.shape(other) != np.shape(value) or (
+          jax.numpy.result_type(other) != jax.numpy.result_type(value)):
+        raise InfiniteWidthError(
+            f"The state in HaikuWithState does not match the state the model creates: "
+            f"{module}/{name} is {_describe(other)} where the model reads "
+            f"{_describe(value)}. Build it for the same model, x_example dtype and "
+            "apply_kwargs with `im.haiku_eval_state(model, x_example, apply_kwargs=...)`.")
+
+
+def _describe(value) -> str:
+  if value is None:
+    return "missing"
+  return f"{jax.numpy.result_type(value)}{list(np.shape(value))}"
 
 
 def _haiku_rng_error(error: Exception) -> InfiniteWidthError:
@@ -367,7 +410,8 @@ def as_traceable(model, x_example, *, priors=None, apply_kwargs: Mapping[str, An
 
   Args:
     model: a `flax.linen.Module`, a `haiku.Transformed` /
-      `haiku.TransformedWithState`, a `flax.nnx.Module`, or a pair
+      `haiku.TransformedWithState`, a `HaikuWithState` (a transform with the
+      fixed state it is applied with), a `flax.nnx.Module`, or a pair
       `(apply_fn, params)` where `apply_fn(params, x)` is pure.
     x_example: an example input batch (its values are not used for the kernel).
     priors: optional overrides, `{param path: Prior or initializer}` or a
@@ -387,6 +431,11 @@ def as_traceable(model, x_example, *, priors=None, apply_kwargs: Mapping[str, An
     pass
   try:
     import haiku as hk
+
+    from infinite_modules.haiku_state import HaikuWithState
+    if isinstance(model, HaikuWithState):
+      return _from_haiku(model.transformed, x_example, priors, apply_kwargs, rng,
+                         given_state=model.state)
     if isinstance(model, (hk.Transformed, hk.TransformedWithState)):
       return _from_haiku(model, x_example, priors, apply_kwargs, rng)
   except ImportError:  # pragma: no cover

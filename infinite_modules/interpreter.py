@@ -103,6 +103,10 @@ class Interpreter:
   # Steps estimated rather than computed exactly, and the sum of their error bounds.
   estimates: list = dataclasses.field(default_factory=list)
   error: object = 0.0
+  # (key, sign) when the kernel is computed one draw of the 1/sqrt(head_dim) attention
+  # logits at a time (`logit_draws`): each attention layer then draws sign * (one joint
+  # sample) and returns the conditional Gaussian moments of its output.
+  logit_draw: object = None
 
   def record_estimate(self, eqn: Eqn, method: str, error) -> None:
     """Marks the kernel as estimated at `eqn` with an absolute error bound `error`

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import elementwise as ew
-from infinite_modules import expectations
+from infinite_modules import expectations, logit_draws
 from infinite_modules import rules as _rules  # noqa: F401  (registers the rules)
 from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.interpreter import Interpreter, run_jaxpr
@@ -20,6 +20,7 @@ from infinite_modules.models import as_traceable
 from infinite_modules.modules import intercept_registered_modules
 from infinite_modules.moments import NeedFullLayout
 from infinite_modules.priors import Prior
+from infinite_modules.rules.gaussian_logits import MixtureError
 from infinite_modules.values import Concrete, Field, ParamRef
 
 _PARAMETERIZATIONS = ("ntk", "standard")
@@ -109,6 +110,31 @@ class KernelFn:
     same_batch = x2 is None
     x2 = x1 if same_batch else x2
     dtype = _float_dtype(x1.dtype)
+    try:
+      (nngp, ntk, var1, var2, mean1, mean2), interp = self._moments(
+          x1, x2, full=full, same_batch=same_batch)
+      error = jnp.asarray(interp.error, dtype)
+      symmetric = interp.symmetric and not full
+    except MixtureError:
+      # A nonlinear step after 1/sqrt(head_dim) attention: average over logit draws.
+      (nngp, ntk, var1, var2, mean1, mean2), interp, error = logit_draws.average(
+          functools.partial(self._moments, full=full, same_batch=False), x1, x2, dtype)
+      symmetric = False
+    if mean1 is not None:
+      nngp = nngp - mean1[:, None] * mean2[None, :]
+      var1, var2 = var1 - mean1 ** 2, var2 - mean2 ** 2
+    if same_batch:
+      if not symmetric:
+        # Not symmetric by construction (a pooling sums the two positions of a
+        # pair in different orders; a rule not known to be symmetric ran).
+        nngp, ntk = _mirror(nngp), _mirror(ntk)
+      var2 = var1
+    return Kernel(nngp=nngp, ntk=ntk, cov1=var1, cov2=var2, shape1=tuple(x1.shape),
+                  shape2=tuple(x2.shape), estimates=tuple(interp.estimates), error=error)
+
+  def _moments(self, x1, x2, *, full: bool, same_batch: bool, logit_draw=None):
+    """Uncentered output moments (nngp, ntk, var1, var2, mean1, mean2) and the interpreter."""
+    dtype = _float_dtype(x1.dtype)
     n1, n2 = x1.shape[0], x2.shape[0]
     j1, j2 = self._trace(n1, x1.dtype), self._trace(n2, x1.dtype)
     jp = self._trace(n1 + n2 + 1, x1.dtype)
@@ -116,7 +142,8 @@ class KernelFn:
               for i, (path, prior, shape) in enumerate(zip(self._paths, self._priors, self._shapes))]
     invals.append(Concrete(x1, x2, 0))
     interp = Interpreter(full=full, parameterization=self.parameterization, n1=n1, n2=n2,
-                         dtype=dtype, points=self._points, same_batch=same_batch)
+                         dtype=dtype, points=self._points, same_batch=same_batch,
+                         logit_draw=logit_draw)
     outs = run_jaxpr(interp, j1.jaxpr, j2.jaxpr, jp.jaxpr, j1.consts, j2.consts, invals)
     if len(outs) != 1:
       raise InfiniteWidthError(f"The model returns {len(outs)} arrays; kernel_fn needs one output.")
@@ -133,19 +160,9 @@ class KernelFn:
       root = ew.materialize(out.root, out.expr, full, self._points, same_batch)
     except ew.NotGaussianError:
       raise InfiniteWidthError("The output applies a nonlinearity to a non-Gaussian field.") from None
-    nngp, ntk, var1, var2 = (a.astype(dtype) for a in (root.nngp, root.ntk, root.var1, root.var2))
-    if root.mean1 is not None:
-      nngp = nngp - root.mean1[:, None] * root.mean2[None, :]
-      var1, var2 = var1 - root.mean1 ** 2, var2 - root.mean2 ** 2
-    if same_batch:
-      if full or not interp.symmetric:
-        # Not symmetric by construction (a pooling sums the two positions of a
-        # pair in different orders; a rule not known to be symmetric ran).
-        nngp, ntk = _mirror(nngp), _mirror(ntk)
-      var2 = var1
-    return Kernel(nngp=nngp, ntk=ntk, cov1=var1, cov2=var2, shape1=tuple(x1.shape),
-                  shape2=tuple(x2.shape), estimates=tuple(interp.estimates),
-                  error=jnp.asarray(interp.error, dtype))
+    moments = tuple(None if a is None else a.astype(dtype) for a in (
+        root.nngp, root.ntk, root.var1, root.var2, root.mean1, root.mean2))
+    return moments, interp
 
 
 def _input_dtype(dtype):

@@ -113,6 +113,10 @@ class Interpreter:
   error: object = 0.0
   # Uses of every parameter and the joint law of shared weights' outputs (`sharing`).
   sharing: object = None
+  # (key, sign) when the kernel is computed one draw of the 1/sqrt(head_dim) attention
+  # logits at a time (`logit_draws`): each attention layer then draws sign * (one joint
+  # sample) and returns the conditional Gaussian moments of its output.
+  logit_draw: object = None
 
   def __post_init__(self):
     from infinite_modules.sharing import SharedWeights

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import moments as mo
+from infinite_modules.errors import UnsupportedPrimitiveError
 from infinite_modules.interpreter import RULES, Interpreter, enter_call
 from infinite_modules.values import Field, ParamRef, Root, is_group
 
@@ -51,9 +52,14 @@ _HINT = ("Use logits scaled by 1/head_dim (a custom `attention_fn`: deterministi
          "estimate of the whole kernel.")
 
 
+class MixtureError(UnsupportedPrimitiveError):
+  """A nonlinear step after a Gaussian scale mixture: `api` then computes the kernel one
+  draw of the attention logits at a time (`logit_draws`), where no mixture arises."""
+
+
 def mixture_error(eqn, root: Root, what: str):
   """The error for `what` applied to a Gaussian scale mixture (`Root.random_moments`)."""
-  return eqn.error(
+  error = eqn.error(
       f"{what} is applied to a field whose channels share finitely many random variables "
       f"({root.random_moments}): its channel averages stay random at infinite width, so it "
       "is a Gaussian scale mixture, not a Gaussian, and its kernel after a nonlinearity or "
@@ -61,6 +67,7 @@ def mixture_error(eqn, root: Root, what: str):
       "layers, sums and pooling after such a block have exact second moments).",
       "Read the block out linearly (Dense/mean pooling), use 1/head_dim attention logits "
       "(deterministic weights), or `interop.monte_carlo_kernel_fn`.")
+  return MixtureError(str(error))
 
 
 # Relative jitter added to the logits' covariance so that its Cholesky factor exists when
@@ -129,13 +136,19 @@ def _draw(interp: Interpreter, logits) -> Sampled:
   layer = sum(1 for key in interp.materialized if key[0] == "gaussian logits")
   key = jax.random.fold_in(jax.random.PRNGKey(SEED), layer)
   half = SAMPLES // 2
-  # Common random numbers across pairs and antithetic pairs (S, -S) within each.
   # Drawn in float32 whatever the kernel dtype, so float32 and float64 kernels share draws.
-  z = jax.random.normal(key, (half, heads, 2 * m), jnp.float32).astype(interp.dtype)
-  z = jnp.concatenate([z, -z])
+  if interp.logit_draw is not None:  # one draw, sign +-1 (`logit_draws`: n1 = n2 = 1)
+    draw_key, sign = interp.logit_draw
+    key = jax.random.fold_in(draw_key, layer)
+    z = sign * jax.random.normal(key, (1, heads, 2 * m), jnp.float32).astype(interp.dtype)
+  else:
+    # Common random numbers across pairs and antithetic pairs (S, -S) within each.
+    z = jax.random.normal(key, (half, heads, 2 * m), jnp.float32).astype(interp.dtype)
+    z = jnp.concatenate([z, -z])
+  draws = z.shape[0]
   s = jnp.einsum("abij,nhj->nabhi", _draw_sqrt(pair).astype(interp.dtype), z)
-  s1 = s[..., :m].reshape(SAMPLES, n1, n2, heads, lq, lk)
-  s2 = s[..., m:].reshape(SAMPLES, n1, n2, heads, lq, lk)
+  s1 = s[..., :m].reshape(draws, n1, n2, heads, lq, lk)
+  s2 = s[..., m:].reshape(draws, n1, n2, heads, lq, lk)
   # Each side of a pair's draw is a draw of that input's logits alone: those of the
   # first partner serve for the second moments within a batch (one factorization).
   d1, d2 = s1[:, None, :, 0], s2[:, None, 0]
@@ -309,6 +322,19 @@ def apply_weights(interp: Interpreter, eqn, weights: Sampled, field: Field,
   ntk = ntk + _logits_tangent(pa, pb_, v.nngp, q, k) / heads
   var1 = jnp.einsum("nahqk,nahpl,akl->naqp", da, da, v.var1) / heads
   var2 = jnp.einsum("nahqk,nahpl,akl->naqp", db, db, v.var2) / heads
+  v_free = [field.axes[i] for i in range(len(field.axes)) if i not in vc and i not in vb]
+  free = ([(0,)] + v_free) if weights_first else (v_free + [(0,)])
+  if interp.logit_draw is not None:
+    # One draw of the logits (n1 = n2 = 1, `logit_draws`): given it, the output's channels
+    # are i.i.d. Gaussian with these moments; the average over draws is taken at the end.
+    interp.record_estimate(
+        eqn, "Monte Carlo over joint draws of the Gaussian 1/sqrt(head_dim) attention "
+        f"logits of each pair of inputs ({heads} heads; the whole kernel is averaged over "
+        "draws, see `Kernel.error`)", 0.0)
+    new = dataclasses.replace(
+        v, nngp=nngp[0], ntk=ntk[0], var1=var1[0], var2=var2[0], mean1=None, mean2=None,
+        spatial=(pa.shape[4],), gathered_from=None, origins=v.origins | q.origins | k.origins)
+    return [Field(new, tuple(list(v_batch) + free))]
 
   estimates = [_mean_and_error(x) for x in (nngp, ntk, var1, var2)]
   error = ERROR_SIGMAS * jnp.max(jnp.stack([jnp.max(e) for _, e in estimates]))
@@ -323,8 +349,6 @@ def apply_weights(interp: Interpreter, eqn, weights: Sampled, field: Field,
       spatial=(pa.shape[4],), gathered_from=None, gaussian=False, law=None,
       origins=v.origins | q.origins | k.origins,
       random_moments=f"the attention weights of the {heads} heads of {where}")
-  v_free = [field.axes[i] for i in range(len(field.axes)) if i not in vc and i not in vb]
-  free = ([(0,)] + v_free) if weights_first else (v_free + [(0,)])
   return [Field(new, tuple(list(v_batch) + free))]
 
 

@@ -210,8 +210,8 @@ class SharedWeights:
         or ra.channels != rb.channels or not (ra.homogeneous and rb.homogeneous)):
       return None
     c = self.cross_roots(ra, rb)
-    ma1, ma2 = _means(ra)
-    mb1, mb2 = _means(rb)
+    ma1, ma2 = ra.means()
+    mb1, mb2 = rb.means()
     ntk_a = 0.0 if ra.ntk is None else ra.ntk
     ntk_b = 0.0 if rb.ntk is None else rb.ntk
     root = Root(
@@ -251,7 +251,7 @@ class SharedWeights:
     ntk = grid(lambda c: c.ntk_ab, lambda r: jnp.zeros_like(r.nngp) if r.ntk is None else r.ntk)
     var1 = grid(lambda c: c.s1, lambda r: r.var1)
     var2 = grid(lambda c: c.s2, lambda r: r.var2)
-    means = [_means(r) for r in roots]
+    means = [r.means() for r in roots]
     has_mean = any(r.mean1 is not None for r in roots)
     gaussian = all(f.expr is None and r.gaussian and self.combination(r) is not None
                    for f, r in zip(fields, roots))
@@ -269,8 +269,8 @@ class SharedWeights:
     if ra is rb:
       return own_cross(ra)
     pa, pb = self.combination(ra), self.combination(rb)
-    ma1, ma2 = _means(ra)
-    mb1, mb2 = _means(rb)
+    ma1, ma2 = ra.means()
+    mb1, mb2 = rb.means()
     means = Cross(ma1[:, None] * mb2[None, :], mb1[:, None] * ma2[None, :], ma1 * mb1,
                   ma2 * mb2, 0 * ma1[:, None] * mb2[None, :], 0 * mb1[:, None] * ma2[None, :])
     if pa is None or pb is None:
@@ -342,8 +342,8 @@ class SharedWeights:
                    pa2 * pb2, zero, zero)
     if not (a.root.gaussian and b.root.gaussian):
       raise self._error(eqn, ref, uses, "the fields it combines are not Gaussian.")
-    ma1, ma2 = _means(a.root)
-    mb1, mb2 = _means(b.root)
+    ma1, ma2 = a.root.means()
+    mb1, mb2 = b.root.means()
     va1, va2 = a.root.var1 - ma1 * ma1, a.root.var2 - ma2 * ma2
     vb1, vb2 = b.root.var1 - mb1 * mb1, b.root.var2 - mb2 * mb2
     ea, eb = a.expr or ew.Z, b.expr or ew.Z
@@ -382,12 +382,6 @@ def _combine(pa: dict, ca, pb: dict, cb) -> dict:
   return out
 
 
-def _means(root: Root):
-  dtype = root.nngp.dtype
-  n1, n2 = root.var1.shape[0], root.var2.shape[0]
-  m1 = jnp.zeros((n1, *root.spatial), dtype) if root.mean1 is None else root.mean1
-  m2 = jnp.zeros((n2, *root.spatial), dtype) if root.mean2 is None else root.mean2
-  return m1, m2
 
 
 def _arrange(v: Concrete, contracted: tuple, dtype):

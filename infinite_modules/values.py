@@ -130,6 +130,14 @@ class Root:
   law: Any = None
   random_moments: str | None = None
 
+  def means(self) -> tuple:
+    """(mean1, mean2) with zeros for a zero-mean side: arrays (n, *S) to compute with."""
+    dtype = self.nngp.dtype
+    n1, n2 = self.var1.shape[0], self.var2.shape[0]
+    m1 = jnp.zeros((n1, *self.spatial), dtype) if self.mean1 is None else self.mean1
+    m2 = jnp.zeros((n2, *self.spatial), dtype) if self.mean2 is None else self.mean2
+    return m1, m2
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Field:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import infinite_modules as im
-from infinite_modules import expectations as ex
 from infinite_modules import elementwise as ew
+from infinite_modules import expectations as ex
 
 
 @pytest.fixture

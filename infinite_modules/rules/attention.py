@@ -209,21 +209,34 @@ def _to_output(eqn, s, batch_atoms, lb, lc, lhs: Field, side: int):
   return jnp.broadcast_to(out, shape)
 
 
-def weights_rule(interp: Interpreter, eqn, weights: Concrete, field: Field, weights_first: bool):
-  """O = P V: deterministic attention weights applied to a value field (module docstring)."""
+def value_product_axes(eqn, field: Field, weights_batch_axis: int, weights_first: bool,
+                       what: str, hint: str):
+  """The axes of O = P V, attention weights P (`what`) times a value field V, checked:
+  V's single position axis is contracted, and the product is batched over examples
+  (paired with the weights' batch axis) and head groups only.
+
+  Returns (P's contracted, P's batch, V's contracted, V's batch axes, V's batch atoms).
+  """
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   pc, pb, vc, vb = (lc, lb, rc, rb) if weights_first else (rc, rb, lc, lb)
   v_contracted = [field.axes[i] for i in vc]
   if len(v_contracted) != 1 or len(v_contracted[0]) != 1 or not isinstance(
       v_contracted[0][0], int) or len(field.root.spatial) != 1:
-    raise eqn.error("a product of input-dependent weights with a field must contract the "
-                    f"field's (single) position axis, got {v_contracted}.", _HINT)
+    raise eqn.error(f"a product of {what} with a field must contract the field's (single) "
+                    f"position axis, got {v_contracted}.", hint)
   v_batch = [field.axes[i] for i in vb]
   if ("b",) not in v_batch or any(a != ("b",) and not (len(a) == 1 and is_group(a[0]))
                                   for a in v_batch):
-    raise eqn.error(f"unexpected batch dimensions {v_batch} of a product with a field.", _HINT)
-  if pb[v_batch.index(("b",))] != weights.batch_axis:
-    raise eqn.error("the weights' batch axis is not paired with the field's.", _HINT)
+    raise eqn.error(f"unexpected batch dimensions {v_batch} of a product with a field.", hint)
+  if pb[v_batch.index(("b",))] != weights_batch_axis:
+    raise eqn.error("the weights' batch axis is not paired with the field's.", hint)
+  return pc, pb, vc, vb, v_batch
+
+
+def weights_rule(interp: Interpreter, eqn, weights: Concrete, field: Field, weights_first: bool):
+  """O = P V: deterministic attention weights applied to a value field (module docstring)."""
+  pc, pb, vc, vb, v_batch = value_product_axes(
+      eqn, field, weights.batch_axis, weights_first, "input-dependent weights", _HINT)
   for j, atoms in enumerate(v_batch):
     if atoms != ("b",) and pb[j] not in weights.const_axes and np.shape(weights.v1)[pb[j]] != 1:
       raise eqn.error(

@@ -278,19 +278,9 @@ def _per_head(eqn, weights: Sampled, arr, pb, pc, p_free, head_axes):
 def apply_weights(interp: Interpreter, eqn, weights: Sampled, field: Field,
                   weights_first: bool):
   """O = P V for random attention weights P: estimated second moments (module docstring)."""
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  pc, pb, vc, vb = (lc, lb, rc, rb) if weights_first else (rc, rb, lc, lb)
-  v_contracted = [field.axes[i] for i in vc]
-  if len(v_contracted) != 1 or len(v_contracted[0]) != 1 or not isinstance(
-      v_contracted[0][0], int) or len(field.root.spatial) != 1:
-    raise eqn.error("a product of random attention weights with a field must contract the "
-                    f"field's (single) position axis, got {v_contracted}.", _HINT)
-  v_batch = [field.axes[i] for i in vb]
-  if ("b",) not in v_batch or any(a != ("b",) and not (len(a) == 1 and is_group(a[0]))
-                                  for a in v_batch):
-    raise eqn.error(f"unexpected batch dimensions {v_batch} of a product with a field.", _HINT)
-  if pb[v_batch.index(("b",))] != weights.batch_axis:
-    raise eqn.error("the weights' batch axis is not paired with the field's.", _HINT)
+  from infinite_modules.rules.attention import value_product_axes
+  pc, pb, vc, vb, v_batch = value_product_axes(
+      eqn, field, weights.batch_axis, weights_first, "random attention weights", _HINT)
   ndim = weights.pair1.ndim - 2
   p_free = [i for i in range(ndim) if i not in pc and i not in pb]
   if len(p_free) != 1 or len(pc) != 1:

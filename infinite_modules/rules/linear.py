@@ -470,14 +470,6 @@ def _per_channel(eqn, field: Field, ref: ParamRef, what: str):
         "per channel); a scalar or per-position parameter correlates the channels.")
 
 
-def _sides(root: Root):
-  dtype = root.nngp.dtype
-  n1, n2 = root.var1.shape[0], root.var2.shape[0]
-  m1 = jnp.zeros((n1, *root.spatial), dtype) if root.mean1 is None else root.mean1
-  m2 = jnp.zeros((n2, *root.spatial), dtype) if root.mean2 is None else root.mean2
-  return m1, m2
-
-
 def add_bias(interp: Interpreter, eqn, field: Field, ref: ParamRef, sign: float) -> Field:
   """x + b with b_c i.i.d. (mean mu, variance v) independent of x:
   E[(x + b)(x' + b)] = M + mu (m + m') + mu^2 + v;  ntk' = ntk + g.
@@ -500,7 +492,7 @@ def add_bias(interp: Interpreter, eqn, field: Field, ref: ParamRef, sign: float)
   grad = interp.grad_coefficient(ref.prior) * s * s
   root = materialize(interp, eqn, field)
   d, full = len(root.spatial), interp.full
-  m1, m2 = _sides(root)
+  m1, m2 = root.means()
 
   def second(arr, ma, mb, pair):
     if mu == 0:
@@ -625,8 +617,8 @@ def add_independent(interp: Interpreter, eqn, a: Field, b: Field, sign: float) -
   if ra.spatial != rb.spatial:
     raise eqn.error("it adds fields with different spatial sizes.")
   d, full = len(ra.spatial), interp.full
-  ma1, ma2 = _sides(ra)
-  mb1, mb2 = _sides(rb)
+  ma1, ma2 = ra.means()
+  mb1, mb2 = rb.means()
   mb1, mb2 = sign * mb1, sign * mb2
   has_mean = ra.mean1 is not None or rb.mean1 is not None
 

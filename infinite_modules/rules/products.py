@@ -39,7 +39,7 @@ _HINT = ("Multiply functions of one field (h * relu(h)) or independent fields (t
 
 def multiply_independent(interp: Interpreter, eqn, a: Field, b: Field) -> Field:
   """The field a * b of two independent fields (see the module docstring)."""
-  from infinite_modules.rules.linear import _sides, _spatial_correspondence, materialize
+  from infinite_modules.rules.linear import _spatial_correspondence, materialize
   if ch.shared(a.root.origins, b.root.origins):
     raise eqn.error(
         "it multiplies two fields that depend on the same random parameters in different "
@@ -58,8 +58,8 @@ def multiply_independent(interp: Interpreter, eqn, a: Field, b: Field) -> Field:
   if ra.spatial != rb.spatial:
     raise eqn.error("it multiplies fields with different spatial sizes.")
   has_mean = ra.mean1 is not None and rb.mean1 is not None
-  ma1, ma2 = _sides(ra)
-  mb1, mb2 = _sides(rb)
+  ma1, ma2 = ra.means()
+  mb1, mb2 = rb.means()
   root = Root(
       nngp=ra.nngp * rb.nngp, ntk=ra.ntk * rb.nngp + ra.nngp * rb.ntk,
       var1=ra.var1 * rb.var1, var2=ra.var2 * rb.var2,

@@ -403,6 +403,12 @@ def standard_normal_rule(breaks, dtype, edges=None, points=None):
   edges = jnp.broadcast_to(jnp.asarray(edges, dtype), breaks.shape[:-1] + (len(edges),))
   for k in range(breaks.shape[-1]):
     edges = _insert(edges, breaks[..., k:k + 1].astype(dtype))
+  return _gaussian_legendre(edges, points, dtype)
+
+
+def _gaussian_legendre(edges, points: int, dtype):
+  """Gauss-Legendre nodes (`points` per piece) between consecutive sorted `edges` (last
+  axis), with the standard normal density folded into the weights, flattened."""
   g, w = (jnp.asarray(t, dtype) for t in _legendre(points))
   lo, hi = edges[..., :-1, None], edges[..., 1:, None]
   half = (hi - lo) / 2
@@ -579,13 +585,7 @@ def _sorted_rule(breaks, dtype):
   breaks = jnp.where(jnp.isfinite(breaks), jnp.clip(breaks, -lim, lim), lim)
   fixed = jnp.broadcast_to(jnp.asarray(edges, dtype), breaks.shape[:-1] + (len(edges),))
   merged = jnp.sort(jnp.concatenate([fixed, breaks.astype(dtype)], axis=-1), axis=-1)
-  g, w = (jnp.asarray(t, dtype) for t in _legendre(SMOOTH_POINTS[_bits(dtype)]))
-  lo, hi = merged[..., :-1, None], merged[..., 1:, None]
-  half = (hi - lo) / 2
-  x = lo + half * (g + 1)
-  weights = half * w * jnp.exp(-x * x / 2) / math.sqrt(2 * math.pi)
-  flat = x.shape[:-2] + (x.shape[-2] * x.shape[-1],)
-  return x.reshape(flat), weights.reshape(flat)
+  return _gaussian_legendre(merged, SMOOTH_POINTS[_bits(dtype)], dtype)
 
 
 def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):

@@ -148,15 +148,21 @@ def test_max_pool_float32_and_jit():
   np.testing.assert_allclose(k[1, 0], kf(x[1:2], x[1:2], get="nngp")[0, 0], rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_max_pool_mc_real_flax_model():
-  x = _images().astype(np.float32)
+def _assert_nngp_matches_mc(model_cls, x):
+  """The NNGP between x[:2] and x[2:] against Monte Carlo of the real model, width 512."""
   x1, x2 = x[:2], x[2:]
-  model = ConvMaxPool(width=512, n_out=128)
+  model = model_cls(width=512, n_out=128)
   init, apply = linen_init_apply(model, x1[:1])
   k = im.kernel_fn(model, x1[:1])(x1, x2)
   est = mc_nngp(init, apply, x, samples=150, seed=1)
   assert_mc_close(est, len(x1), k.nngp, k.cov1, k.cov2, what="nngp")
+
+
+@pytest.mark.slow
+def test_max_pool_mc_real_flax_model():
+  x = _images().astype(np.float32)
+  x1, x2 = x[:2], x[2:]
+  _assert_nngp_matches_mc(ConvMaxPool, x)
   model = ConvMaxPool(width=512, n_out=4)
   init, apply = linen_init_apply(model, x1[:1])
   ks = im.kernel_fn(model, x1[:1], parameterization="standard")(x1, x2)
@@ -193,10 +199,4 @@ def test_resnet_stem_with_residual_block_runs():
 
 @pytest.mark.slow
 def test_resnet_stem_mc_real_flax_model():
-  x = _images().astype(np.float32)
-  x1, x2 = x[:2], x[2:]
-  model = Stem(width=512, n_out=128)
-  init, apply = linen_init_apply(model, x1[:1])
-  k = im.kernel_fn(model, x1[:1])(x1, x2)
-  est = mc_nngp(init, apply, x, samples=150, seed=1)
-  assert_mc_close(est, len(x1), k.nngp, k.cov1, k.cov2, what="nngp")
+  _assert_nngp_matches_mc(Stem, _images().astype(np.float32))

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infinite_modules import inverse_trig
+
 # None: the piecewise rule of stated accuracy (`smooth_rule`); an int n: n-point Gauss-Hermite.
 QUADRATURE_POINTS = None
 _TINY = 1e-30
@@ -74,7 +76,8 @@ def arccos_j0(rho):
 
   Its derivative 1 / (2 pi sqrt(1 - rho^2)) is taken as 0 at rho = +-1 (see above).
   """
-  return (math.pi - jnp.arccos(jnp.clip(rho, -1.0, 1.0))) / (2 * math.pi)
+  # pi - arccos(rho) = arccos(-rho), which keeps its relative accuracy near rho = -1.
+  return inverse_trig.arccos(-jnp.clip(rho, -1.0, 1.0)) / (2 * math.pi)
 
 
 @arccos_j0.defjvp
@@ -95,7 +98,7 @@ def arccos_j1(rho):
   where the two infinite terms of the naive derivative cancel.
   """
   rho = jnp.clip(rho, -1.0, 1.0)
-  return (safe_sqrt(1 - rho * rho) + (math.pi - jnp.arccos(rho)) * rho) / (2 * math.pi)
+  return (safe_sqrt(1 - rho * rho) + inverse_trig.arccos(-rho) * rho) / (2 * math.pi)
 
 
 @arccos_j1.defjvp
@@ -108,17 +111,16 @@ def _arccos_j1_jvp(primals, tangents):
 def arccos_j01(rho):
   """(J_0(rho), J_1(rho)) from one square root and one arc tangent.
 
-  With s = sqrt((1 - rho)(1 + rho)) and theta = atan2(s, rho) = arccos(rho)
-  (for rho in [-1, 1]), J_0 = (pi - theta) / (2 pi) and J_1 = (s + (pi - theta)
-  rho) / (2 pi): the NNGP and the NTK of a ReLU layer share both
-  transcendentals (evaluated separately they cost three times as many, and
-  XLA does not merge `arccos` with the square root inside it). The reflected
+  With s = sqrt((1 - rho)(1 + rho)) and theta = arccos(rho), J_0 = (pi -
+  theta) / (2 pi) and J_1 = (s + (pi - theta) rho) / (2 pi): the NNGP and the
+  NTK of a ReLU layer share both (`inverse_trig.arccos` is a polynomial: XLA's
+  CPU `atan2`, behind `jnp.arccos`, runs one element at a time). The reflected
   values follow without more: J_0(-rho) = 1/2 - J_0(rho) and
   J_1(-rho) = J_1(rho) - rho / 2. Derivatives as for `arccos_j0`/`arccos_j1`.
   """
   rho = jnp.clip(rho, -1.0, 1.0)
   s = safe_sqrt((1 - rho) * (1 + rho))
-  rest = math.pi - jnp.arctan2(s, rho)
+  rest = inverse_trig.arccos(-rho)  # = pi - arccos(rho)
   return rest / (2 * math.pi), (s + rest * rho) / (2 * math.pi)
 
 
@@ -184,7 +186,8 @@ class Erf:
   """f = erf: E[f f] = 2/pi arcsin(2c / sqrt((1 + 2va)(1 + 2vb))) (Williams 1997)."""
 
   def kappa(self, c, va, vb):
-    return 2 / np.pi * jnp.arcsin(jnp.clip(2 * c / jnp.sqrt((1 + 2 * va) * (1 + 2 * vb)), -1, 1))
+    rho = jnp.clip(2 * c / jnp.sqrt((1 + 2 * va) * (1 + 2 * vb)), -1, 1)
+    return 2 / np.pi * inverse_trig.arcsin(rho)
 
   def dkappa(self, c, va, vb):
     return 4 / np.pi / jnp.sqrt(jnp.maximum((1 + 2 * va) * (1 + 2 * vb) - 4 * c * c, _TINY))
@@ -284,7 +287,7 @@ class Gelu:
 
   def kappa(self, c, va, vb):
     a1, b1 = va + 1, vb + 1
-    orthant = 0.25 + jnp.arcsin(jnp.clip(c / jnp.sqrt(a1 * b1), -1, 1)) / (2 * np.pi)
+    orthant = 0.25 + inverse_trig.arcsin(jnp.clip(c / jnp.sqrt(a1 * b1), -1, 1)) / (2 * np.pi)
     cond_t = jnp.maximum(b1 - c * c / a1, _TINY)
     cond_s = jnp.maximum(a1 - c * c / b1, _TINY)
     term_s = va / jnp.sqrt(2 * np.pi * a1) * (vb - c * c / a1) / jnp.sqrt(2 * np.pi * cond_t)
@@ -294,7 +297,7 @@ class Gelu:
   def dkappa(self, c, va, vb):
     a1, b1 = va + 1, vb + 1
     det = a1 * b1 - c * c
-    orthant = 0.25 + jnp.arcsin(c / jnp.sqrt(a1 * b1)) / (2 * math.pi)
+    orthant = 0.25 + inverse_trig.arcsin(c / jnp.sqrt(a1 * b1)) / (2 * math.pi)
     root = jnp.sqrt(det)
     cross = c / (2 * math.pi * root) * (1 / a1 + 1 / b1)
     return orthant + cross + c / (2 * math.pi * det * root)

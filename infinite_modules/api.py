@@ -107,6 +107,11 @@ class KernelFn:
 
   def _kernel(self, x1, x2, *, full: bool) -> Kernel:
     """The kernel between x1 and x2; x2=None: between x1 and itself."""
+    if x2 is None and _symmetric_blocks(x1.shape[0]) > 1:
+      try:
+        return self._symmetric_kernel_by_blocks(x1, full=full)
+      except MixtureError:
+        pass  # the logit-draw path below pairs every input with every other
     same_batch = x2 is None
     x2 = x1 if same_batch else x2
     dtype = _float_dtype(x1.dtype)
@@ -132,7 +137,46 @@ class KernelFn:
     return Kernel(nngp=nngp, ntk=ntk, cov1=var1, cov2=var2, shape1=tuple(x1.shape),
                   shape2=tuple(x2.shape), estimates=tuple(interp.estimates), error=error)
 
-  def _moments(self, x1, x2, *, full: bool, same_batch: bool, logit_draw=None):
+  def _symmetric_kernel_by_blocks(self, x, *, full: bool) -> Kernel:
+    """x2=None as the B(B+1)/2 block pairs (I <= J) of B blocks of the batch.
+
+    Entry (a, b) of every kernel depends on inputs a and b alone, so the
+    lower blocks are the upper ones transposed: one vmapped program over the
+    upper block pairs does (B+1)/(2B) of the work of all n^2 pairs. Pairs of
+    an input with itself (in the diagonal blocks) keep their exact
+    correlation 1 (`moments.same_point`), and the diagonal blocks are
+    averaged with their transposes, so the kernel is exactly symmetric.
+    """
+    n = x.shape[0]
+    blocks = _symmetric_blocks(n)
+    size = -(-n // blocks)
+    pad = blocks * size - n  # < size <= n: filled with copies of real inputs
+    padded = jnp.concatenate([x, x[:pad]]) if pad else x
+    padded = padded.reshape((blocks, size) + x.shape[1:])
+    first, second = np.triu_indices(blocks)
+    dtype = _float_dtype(x.dtype)
+    traced = {}
+
+    def block_pair(xa, xb, diagonal):
+      same = jnp.logical_and(diagonal, jnp.eye(size, dtype=bool))
+      (nngp, ntk, var1, _, mean1, mean2), interp = self._moments(
+          xa, xb, full=full, same_batch=same)
+      traced["interp"] = interp
+      if mean1 is not None:
+        nngp = nngp - mean1[:, None] * mean2[None, :]
+        var1 = var1 - mean1 ** 2
+      return nngp, ntk, var1, jnp.asarray(interp.error, dtype)
+
+    nngp, ntk, var, error = jax.vmap(block_pair)(
+        padded[first], padded[second], jnp.asarray(first == second))
+    var = var[first == second].reshape(-1)[:n]
+    interp = traced["interp"]
+    return Kernel(nngp=_unfold_upper_blocks(nngp, blocks, n),
+                  ntk=_unfold_upper_blocks(ntk, blocks, n), cov1=var, cov2=var,
+                  shape1=tuple(x.shape), shape2=tuple(x.shape),
+                  estimates=tuple(interp.estimates), error=jnp.max(error))
+
+  def _moments(self, x1, x2, *, full: bool, same_batch, logit_draw=None):
     """Uncentered output moments (nngp, ntk, var1, var2, mean1, mean2) and the interpreter."""
     dtype = _float_dtype(x1.dtype)
     n1, n2 = x1.shape[0], x2.shape[0]
@@ -163,6 +207,43 @@ class KernelFn:
     moments = tuple(None if a is None else a.astype(dtype) for a in (
         root.nngp, root.ntk, root.var1, root.var2, root.mean1, root.mean2))
     return moments, interp
+
+
+# x2=None by blocks (`KernelFn._symmetric_kernel_by_blocks`): at least this many
+# inputs per block, so the per-input arrays each block pair recomputes (2 per
+# block pair against its size^2 pair entries) stay a few percent of the work.
+_MIN_BLOCK = 32
+# (B+1)/(2B) of the pair work: 62.5% at 4 blocks. More blocks save little more,
+# while each block pair copies its inputs ((B+1)/2 copies of the batch): measured
+# (CPU, one thread) on an MLP of 1024 x 784 inputs, 2 / 4 / 8 blocks took 84% /
+# 68% / 82% of the unblocked time; a conv net with 64 inputs of 16x16x3, 50%.
+_MAX_BLOCKS = 4
+
+
+def _symmetric_blocks(n: int) -> int:
+  """How many blocks an x2=None batch of n inputs is computed by (1: not blocked)."""
+  return max(1, min(_MAX_BLOCKS, n // _MIN_BLOCK))
+
+
+def _unfold_upper_blocks(pairs, blocks: int, n: int):
+  """The (n, n) symmetric kernel from its upper block pairs (`np.triu_indices(blocks)`
+  order), shape (blocks (blocks + 1) / 2, size, size).
+
+  The pairs are scattered into the upper blocks of a (blocks, blocks, size,
+  size) array; block (I, J) below the diagonal is block (J, I) transposed, and
+  diagonal blocks are averaged with their transposes (exactly symmetric). A
+  scatter, not slices or a gather, reads the pairs: XLA fuses the last layer's
+  work into those (into each of the B^2 slices, or per gathered entry).
+  """
+  size = pairs.shape[1]
+  first, second = np.triu_indices(blocks)
+  upper = jnp.zeros((blocks, blocks, size, size), pairs.dtype).at[first, second].set(
+      pairs, unique_indices=True, indices_are_sorted=True)
+  lower = upper.transpose(1, 0, 3, 2)
+  row = jax.lax.broadcasted_iota(jnp.int32, upper.shape, 0)
+  col = jax.lax.broadcasted_iota(jnp.int32, upper.shape, 1)
+  out = jnp.where(row < col, upper, jnp.where(row > col, lower, (upper + lower) / 2))
+  return out.transpose(0, 2, 1, 3).reshape(blocks * size, blocks * size)[:n, :n]
 
 
 def _input_dtype(dtype):

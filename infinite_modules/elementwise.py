@@ -23,7 +23,7 @@ import numpy as np
 from infinite_modules import expectations as ex
 from infinite_modules import pairlaw
 from infinite_modules.errors import InfiniteWidthError
-from infinite_modules.moments import diag_of, mirror, pair_broadcast, same_point
+from infinite_modules.moments import diag_of, mirror, pair_broadcast, same_point, whole_batch
 from infinite_modules.values import Root
 
 Z = ("z",)
@@ -360,12 +360,14 @@ def _with_trailing(values):
   return tuple(jnp.asarray(v)[..., None] for v in values)
 
 
-def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = False) -> Root:
+def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> Root:
   """Moments of phi(z) where phi = expr, z the root variable.
 
-  `same_batch`: both batches are the same (x2=None), so the pair arrays'
-  entries (a, a[, s, s]) are points paired with themselves (correlation
-  exactly 1 in the closed forms).
+  `same_batch`: True if both batches are the same (x2=None), so the pair
+  arrays' entries (a, a[, s, s]) are points paired with themselves
+  (correlation exactly 1 in the closed forms) and quadratures are mirrored to
+  keep the kernel exactly symmetric; an (n1, n2) boolean array marking such
+  pairs if the batches are two blocks of one batch (`moments.same_point`).
   """
   if expr is None or expr is Z:
     return root
@@ -474,7 +476,7 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
 
   pair_sides = _ctx_pair(ctx, d, full, True) if ctx else _Sides((), ())
   nngp, dk = moments(root.nngp, pair_sides.a, pair_sides.b, v1, v2, m1, m2, True)
-  if same_batch and form is None:
+  if whole_batch(same_batch) and form is None:
     # Quadratures treat the two sides of a pair differently (outer and inner
     # variable): mirrored here so the kernel stays exactly symmetric.
     nngp, dk = mirror(nngp, d, full), mirror(dk, d, full)
@@ -505,7 +507,7 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch: bool = Fa
 
 def _mirrored(arr, d, full, same_batch):
   """x2=None: the pair-law quadrature's two sides made exactly symmetric."""
-  return mirror(arr, d, full) if same_batch else arr
+  return mirror(arr, d, full) if whole_batch(same_batch) else arr
 
 
 def _law_side(expr):
@@ -515,7 +517,7 @@ def _law_side(expr):
              for g, mono in switches(expr)]
 
 
-def _materialize_from_law(root: Root, expr, full: bool, same_batch: bool = False) -> Root:
+def _materialize_from_law(root: Root, expr, full: bool, same_batch=False) -> Root:
   """Moments of phi(z) for a non-Gaussian z of known pair laws (see `pairlaw`):
   E[phi(u_A) phi(u_B)] and E[phi'(u_A) phi'(u_B) T] by quadrature over each
   entry's law; the pushed-forward laws are kept for the next nonlinearity."""

@@ -99,8 +99,10 @@ class Interpreter:
   n2: int
   dtype: jnp.dtype
   points: int
-  # x2=None: both batches are the same, so (a, a) pairs are points paired with themselves.
-  same_batch: bool = False
+  # x2=None: both batches are the same, so (a, a) pairs are points paired with themselves;
+  # or an (n1, n2) boolean array marking such pairs when the batches are two blocks of
+  # one batch (x2=None computed by blocks; see `moments.same_point`).
+  same_batch: object = False
   # x2=None: whether every step so far computed each pair array's entries (a, b) and
   # (b, a) by the same floating-point operations (see `SYMMETRIC_RULES`), so the
   # kernel is exactly symmetric without a final (k + k^T) / 2, whose transposed reads

@@ -251,22 +251,32 @@ def pair_broadcast(side1, side2, d: int, full: bool, pair: bool):
   return expand(side1, True), expand(side2, False)
 
 
-def same_point(n: int, spatial: tuple[int, ...], full: bool, pair: bool, same_batch: bool):
+def whole_batch(same_batch) -> bool:
+  """Whether `same_batch` says x2 is x1 (not blocks of one batch, not unrelated batches)."""
+  return same_batch is True
+
+
+def same_point(n: int, spatial: tuple[int, ...], full: bool, pair: bool, same_batch):
   """Which entries of a moment array pair a point (input, position) with itself.
 
+  `same_batch`: True if both batches are one (x2=None), an (n1, n2) boolean
+  array marking the pairs of one input with itself if the batches are two
+  blocks of one batch (x2=None computed by blocks, `api`), False otherwise.
+
   A boolean mask broadcasting against a pair array (n1, n2, *S[, *S])
-  (pair=True; only when both batches are the same, `same_batch`) or a single
-  array (n, *S[, *S]); None if no entry does. In the diagonal layout every
-  entry of a single array is such a pair. Built from iotas, which XLA fuses
-  into the consumer, rather than an (n, n, ...) constant embedded in the program.
+  (pair=True) or a single array (n, *S[, *S]); None if no entry does. In the
+  diagonal layout every entry of a single array is such a pair. Built from
+  iotas, which XLA fuses into the consumer, rather than an (n, n, ...)
+  constant embedded in the program.
   """
   d = len(spatial)
-  if pair and not same_batch:
+  blocks = pair and not isinstance(same_batch, bool)
+  if pair and same_batch is False:
     return None
   if not (full and d) and not pair:
     return np.ones((1,) * (1 + d), dtype=bool)
   shape, first, second = [], [], []
-  if pair:
+  if pair and not blocks:
     shape += [n, n]
     first.append(0)
     second.append(1)
@@ -283,8 +293,11 @@ def same_point(n: int, spatial: tuple[int, ...], full: bool, pair: bool, same_ba
   for a, b in zip(first, second):
     eq = lax.broadcasted_iota(np.int32, shape, a) == lax.broadcasted_iota(np.int32, shape, b)
     mask = eq if mask is None else mask & eq
-  lead = shape[:1] if not pair else [n, n]
   positions = tuple(spatial) * 2 if full and d else (1,) * d
+  if blocks:
+    inputs = same_batch.reshape(same_batch.shape + (1,) * len(positions))
+    return inputs if mask is None else inputs & mask.reshape((1, 1) + positions)
+  lead = shape[:1] if not pair else [n, n]
   return mask.reshape(tuple(lead) + positions)
 
 

@@ -8,7 +8,10 @@
   kernel as the equivalent constant scale.
 * x2=None: exactly symmetric kernels, and correlation exactly 1 on the diagonal, so a
   float32 ReLU NTK matches the float64 one to 1e-5 (the clipped 1 - eps correlation
-  gave 3e-4 per layer).
+  gave 3e-4 per layer). Batches of 64 or more inputs are computed by blocks (only the
+  upper block pairs): the same kernel, symmetric, with the same exact diagonal.
+* ReLU-type kernels evaluate no scalar `atan2` (XLA's CPU backend runs it one element
+  at a time): arccos is `inverse_trig`'s polynomial.
 """
 
 from __future__ import annotations
@@ -192,3 +195,79 @@ def test_x2_none_symmetric_without_a_final_mirror(model, input_layers):
   transposes = str(jax.make_jaxpr(lambda a: kf(a, None, get=("nngp", "ntk")))(x)).count(
       "transpose[permutation=(1, 0")
   assert transposes == input_layers + (0 if kf.layout == "diagonal" else 2), transposes
+
+
+class MaxPoolNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), padding="SAME", kernel_init=_he())(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return nn.Dense(1, kernel_init=_he())(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+  """Blocks of >= 4 inputs (not 32), so small batches take the blocked path."""
+  from infinite_modules import api
+  monkeypatch.setattr(api, "_MIN_BLOCK", 4)
+  return api
+
+
+@pytest.mark.parametrize("model, n", [("tanh_mlp", 13), ("relu_conv", 8), ("relu_conv", 18),
+                                      ("max_pool", 9)])
+def test_x2_none_by_blocks_is_the_whole_kernel(small_blocks, monkeypatch, model, n):
+  """B(B+1)/2 upper block pairs (B = 2, 3, 4; 9, 13 and 18 inputs need padding) give the
+  kernel of all pairs: symmetric, equal to the unblocked x2=None kernel, with the exact
+  correlation 1 of the diagonal (float32 against float64), and the estimate's error
+  bound of a sampled rule (max pooling) carried through."""
+  api = small_blocks
+  rng = np.random.RandomState(n)
+  if model == "tanh_mlp":
+    net, x = TanhMLP(depth=2), rng.randn(n, 5)
+  elif model == "relu_conv":
+    net, x = BiasConvFlatten(), rng.randn(n, 5, 5, 2)
+  else:
+    net, x = MaxPoolNet(), rng.randn(n, 4, 4, 2)
+  assert api._symmetric_blocks(n) == min(4, n // 4) > 1
+  with jax.enable_x64(True):
+    kf = im.kernel_fn(net, x[:1])
+    blocked = kf(x, None)
+    monkeypatch.setattr(api, "_MAX_BLOCKS", 1)
+    whole = im.kernel_fn(net, x[:1])(x, None)
+  # Quadratures (tanh) treat the two sides of a pair differently: the unblocked kernel
+  # averages both triangles, the blocked one has each off-diagonal block once.
+  # Max pooling is estimated from draws conditioned on the pair's first input, so entry
+  # (a, b) of a block pair and its mirror are two estimates (the unblocked kernel averages
+  # them): equal within the stated error bound.
+  tol = 1e-9 if model == "tanh_mlp" else 1e-12
+  for name in ("nngp", "ntk"):
+    ours, ref = np.asarray(getattr(blocked, name)), np.asarray(getattr(whole, name))
+    np.testing.assert_array_equal(ours, ours.T)
+    atol = float(blocked.error) if model == "max_pool" else tol * np.abs(ref).max()
+    np.testing.assert_allclose(ours, ref, rtol=tol, atol=atol)
+    np.testing.assert_allclose(np.diag(ours), np.diag(ref), rtol=1e-12)
+  np.testing.assert_allclose(blocked.cov1, whole.cov1, rtol=1e-12)
+  assert blocked.estimates == whole.estimates
+  np.testing.assert_allclose(blocked.error, whole.error, rtol=1e-12)
+  if model == "relu_conv":
+    k32 = kf(x.astype(np.float32), None)
+    for name in ("nngp", "ntk"):
+      ref = np.asarray(getattr(blocked, name))
+      err = np.abs(np.asarray(getattr(k32, name), np.float64) - ref).max() / np.abs(ref).max()
+      assert err < 1e-5, (name, err)
+
+
+def test_x2_none_by_blocks_under_jit_and_grad(small_blocks):
+  x = np.random.RandomState(5).randn(10, 4).astype(np.float32)
+  kf = im.kernel_fn(ReluMLP(), x[:1])
+  ntk = jax.jit(lambda a: kf(a, None, "ntk"))(x)
+  np.testing.assert_allclose(ntk, kf(x, None, "ntk"), rtol=1e-6)
+  grad = jax.grad(lambda a: kf(a, None, "ntk").sum())(jnp.asarray(x))
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_no_scalar_atan2_in_relu_kernels():
+  x = np.zeros((3, 4), np.float32)
+  kf = im.kernel_fn(ReluMLP(), x)
+  text = jax.jit(lambda a: kf(a, None, ("nngp", "ntk"))).lower(x).as_text()
+  assert "atan2" not in text

@@ -226,7 +226,7 @@ def kernel_fn(model, x_example, *, parameterization: str = "ntk",
       variances: 48 points are 4e-6 off for tanh at variance 1).
     input_layer: "gaussian" (default, Neural Tangents' convention): every weight is
       Gaussian with its initializer's variance. "exact": the pre-activations of a Dense
-      first layer (fan-in plus random bias <= 8) have the exact law of the initializers
+      first layer (fan-in plus random bias <= 6) have the exact law of the initializers
       (truncated normal, uniform, normal), so E[phi(u) phi(v)] and E[phi'(u) phi'(v)]
       of its nonlinearity are those of the model as initialized (`first_layer`);
       the layers after it are Gaussian at infinite width either way.

@@ -54,7 +54,7 @@ from infinite_modules.priors import Law, Prior, normal_law, uniform_law
 from infinite_modules.values import Concrete, Field, ParamRef
 
 # Random coordinates (fan-in plus a random bias) the tensor-product rule accepts.
-MAX_COORDINATES = 8
+MAX_COORDINATES = 6
 # Gauss-Legendre points per piece of the iterated 2-D rule; nodes per remaining
 # coordinate (per dtype bits).
 PIECE_POINTS = {64: 12, 32: 8}

@@ -213,3 +213,62 @@ def test_monte_carlo_uniform_init():
   init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
   _check_against_model(init, width=2048, draws=64, gap={"nngp": 0.17, "ntk": 0.08},
                        outputs=1024)
+
+
+# ------------------------------------------------------------------ API, dtypes, refusals
+
+class DenseNet(nn.Module):
+  act: object = nn.relu
+  bias_init: object = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    h = self.act(nn.Dense(16, bias_init=self.bias_init)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(1)(nn.relu(nn.Dense(16)(h)))
+
+
+def test_kernel_fn_float32_float64_jit_and_symmetry():
+  """A deeper model (the exact law only at the first layer), a uniform random bias, a GELU:
+  float32 agrees with float64, jit with eager, x2=None is symmetric and equals (x, x)."""
+  x = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, -2.0]], np.float32).reshape(3, 2, 1)
+  model = DenseNet(nn.gelu, nn.initializers.uniform(0.5))
+  kf = im.kernel_fn(model, x, input_layer="exact")
+  k32 = kf(x, get=("nngp", "ntk"))
+  with jax.enable_x64():
+    k64 = im.kernel_fn(model, x, input_layer="exact")(x.astype(np.float64), get=("nngp", "ntk"))
+  assert k32.nngp.dtype == jnp.float32 and k64.nngp.dtype == jnp.float64
+  np.testing.assert_allclose(k32.nngp, k64.nngp, rtol=2e-5)
+  np.testing.assert_allclose(k32.ntk, k64.ntk, rtol=2e-5)
+  np.testing.assert_array_equal(k32.nngp, k32.nngp.T)
+  np.testing.assert_allclose(kf(x, x, get="nngp"), k32.nngp, rtol=1e-6)
+  jitted = jax.jit(lambda a: kf(a, get="ntk"))(x)
+  np.testing.assert_allclose(jitted, k32.ntk, rtol=1e-6)
+  # The non-Gaussian bias is a coordinate of the exact law; the default path refuses a
+  # nonlinearity after it.
+  with pytest.raises(im.InfiniteWidthError, match="not Gaussian"):
+    im.kernel_fn(model, x)(x)
+
+
+def test_refusals_name_the_way_out():
+  x = np.eye(4, dtype=np.float32)
+  with pytest.raises(ValueError, match="input_layer must be one of"):
+    im.kernel_fn(DenseNet(), x, input_layer="exactly")
+
+  class Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(nn.relu(nn.Conv(8, (2,))(x)).reshape(x.shape[0], -1))
+
+  with pytest.raises(im.InfiniteWidthError, match="convolution.*Drop `input_layer='exact'`"):
+    im.kernel_fn(Conv(), x[:, :, None], input_layer="exact")
+  wide = np.eye(7, dtype=np.float32)
+  with pytest.raises(im.InfiniteWidthError, match="Dense_0.*fan-in 7 exceeds 6"):
+    im.kernel_fn(DenseNet(), wide, input_layer="exact")
+
+  class Skip(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(nn.relu(nn.Dense(8)(x)) * x.sum(-1, keepdims=True))
+
+  with pytest.raises(im.InfiniteWidthError, match="input_layer='exact'"):
+    im.kernel_fn(Skip(), x, input_layer="exact")

@@ -449,8 +449,7 @@ class FirstLayerField:
         or (eqn.name == "sub" and invals[0] is ref):
       raise _refuse(eqn, f"the parameter `{ref.path}` enters the first layer other than "
                     "as a bias added to its pre-activation.")
-    if isinstance(ref.factor, Concrete) or any(ref.shape[i] != 1 for i in range(len(ref.shape))
-                                               if ref.leaf_axes[i] is None):
+    if isinstance(ref.factor, Concrete):
       raise _refuse(eqn, f"the bias `{ref.path}` is scaled by an input-dependent value.")
     s = (-1.0 if eqn.name == "sub" else 1.0) * float(ref.factor)
     mean, std = s * ref.prior.mean, s * math.sqrt(ref.prior.variance)
@@ -483,7 +482,35 @@ class FirstLayerField:
       raise unsupported_here(where or self.where,
                              "the nonlinearity after the first layer depends on the "
                              "position or example (location constants).")
+    jump = _jump(expr, root.nngp.dtype)
+    if jump is not None:
+      raise unsupported_here(where or self.where, jump)
     return Field(exact_moments(root, expr, self.law), field.axes)
+
+
+def _jump(expr, dtype) -> str | None:
+  """Why phi cannot be integrated here, if it jumps (then E[phi'(u) phi'(v)] has a delta
+  term the rule does not carry): phi is checked on both sides of every root of its
+  switching functions within +-9e4 of 0; None if continuous there."""
+  switches = [(lambda t, g=g: ew.evaluate(g, t, ()), mono) for g, mono in ew.switches(expr)]
+  if not switches:
+    return None
+  f = lambda t: ew.evaluate(expr, t, ())
+  try:
+    with jax.ensure_compile_time_eval():
+      for scale in (1.0, 1e2, 1e4):
+        roots = np.asarray(ex.switch_points(switches, jnp.zeros((), dtype), scale, dtype))
+        for r in roots[np.isfinite(roots)]:
+          h = (1e-9 if _bits(dtype) == 64 else 1e-4) * (1 + abs(float(r)))
+          left, right = (float(f(jnp.asarray(r + s, dtype))) for s in (-h, h))
+          if abs(right - left) > 1e-3 * max(1.0, abs(left), abs(right)):
+            return (f"the nonlinearity jumps at {float(r):.6g} (from {left:.6g} to "
+                    f"{right:.6g}); its derivative has a delta there, which the exact "
+                    "first-layer rule does not integrate.")
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+          TypeError):
+    return "the nonlinearity has traced constants, so its kinks cannot be checked."
+  return None
 
 
 def unsupported_here(where: str, why: str):

@@ -272,3 +272,22 @@ def test_refusals_name_the_way_out():
 
   with pytest.raises(im.InfiniteWidthError, match="input_layer='exact'"):
     im.kernel_fn(Skip(), x, input_layer="exact")
+  step = lambda t: jnp.where(t > 0.5, 1.0, 0.0) + nn.relu(t)
+  with pytest.raises(im.InfiniteWidthError, match="jumps at 0.5"):
+    im.kernel_fn(DenseNet(step), x, input_layer="exact")
+
+
+def test_haiku_default_init_one_hot_ratio():
+  """hk.Linear's default init (a truncated normal): on one-hot inputs the off-diagonal
+  NNGP of Linear -> relu -> Linear is the Gaussian one times 2 pi E[relu(xi)]^2 (xi the
+  standardized truncated normal), the diagonal is the same."""
+  import haiku as hk
+  f = hk.transform(lambda x: hk.Linear(1)(jax.nn.relu(hk.Linear(32)(x))))
+  x = np.eye(4, dtype=np.float32)
+  exact = np.asarray(im.kernel_fn(f, x, input_layer="exact")(x, get="nngp"))
+  gauss = np.asarray(im.kernel_fn(f, x)(x, get="nngp"))
+  law = LAWS["truncated_normal"]
+  half_mean = integrate.quad(lambda t: t * law.density(t), 0, law.upper)[0]
+  off = ~np.eye(4, dtype=bool)
+  np.testing.assert_allclose(exact[off] / gauss[off], 2 * math.pi * half_mean ** 2, rtol=1e-5)
+  np.testing.assert_allclose(np.diag(exact), np.diag(gauss), rtol=1e-5)

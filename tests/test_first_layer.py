@@ -291,3 +291,17 @@ def test_haiku_default_init_one_hot_ratio():
   off = ~np.eye(4, dtype=bool)
   np.testing.assert_allclose(exact[off] / gauss[off], 2 * math.pi * half_mean ** 2, rtol=1e-5)
   np.testing.assert_allclose(np.diag(exact), np.diag(gauss), rtol=1e-5)
+
+
+def test_gaussian_initializer_reproduces_the_default_kernel():
+  """With a normal initializer the exact law is the Gaussian one: on dense inputs (fan-in 4,
+  every coordinate integrated, two by the remaining coordinates' rule) the exact path gives
+  the default (arc-cosine) kernel to the stated 1e-4 relative."""
+  init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+  model = TwoLayer(64, init, outputs=1)
+  x = np.random.default_rng(3).normal(size=(4, 4))
+  with jax.enable_x64():
+    exact = im.kernel_fn(model, x, input_layer="exact")(x)
+    default = im.kernel_fn(model, x)(x)
+  np.testing.assert_allclose(exact.nngp, default.nngp, rtol=1e-4)
+  np.testing.assert_allclose(exact.ntk, default.ntk, rtol=1e-4)

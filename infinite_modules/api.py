@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import elementwise as ew
-from infinite_modules import expectations, logit_draws
+from infinite_modules import expectations, first_layer, logit_draws
 from infinite_modules import rules as _rules  # noqa: F401  (registers the rules)
 from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.interpreter import Interpreter, run_jaxpr
@@ -24,6 +24,7 @@ from infinite_modules.rules.gaussian_logits import MixtureError
 from infinite_modules.values import Concrete, Field, ParamRef
 
 _PARAMETERIZATIONS = ("ntk", "standard")
+_INPUT_LAYERS = ("gaussian", "exact")
 
 
 class KernelFn:
@@ -36,8 +37,10 @@ class KernelFn:
     parameterization: "ntk" or "standard".
   """
 
-  def __init__(self, traceable, x_example, parameterization: str, points: int):
+  def __init__(self, traceable, x_example, parameterization: str, points: int,
+               input_layer: str = "gaussian"):
     self._traceable = traceable
+    self.input_layer = input_layer
     self._feature_shape = tuple(np.shape(x_example)[1:])
     self.parameterization = parameterization
     self._points = points
@@ -184,14 +187,15 @@ class KernelFn:
     jp = self._trace(n1 + n2 + 1, x1.dtype)
     invals = [ParamRef(i, path, prior, shape, tuple(range(len(shape))))
               for i, (path, prior, shape) in enumerate(zip(self._paths, self._priors, self._shapes))]
-    invals.append(Concrete(x1, x2, 0))
+    x = Concrete(x1, x2, 0)
+    invals.append(first_layer.ExactInput(x) if self.input_layer == "exact" else x)
     interp = Interpreter(full=full, parameterization=self.parameterization, n1=n1, n2=n2,
                          dtype=dtype, points=self._points, same_batch=same_batch,
                          logit_draw=logit_draw)
     outs = run_jaxpr(interp, j1.jaxpr, j2.jaxpr, jp.jaxpr, j1.consts, j2.consts, invals)
     if len(outs) != 1:
       raise InfiniteWidthError(f"The model returns {len(outs)} arrays; kernel_fn needs one output.")
-    (out,) = outs
+    out = first_layer.at_output(outs[0])
     if not isinstance(out, Field):
       raise InfiniteWidthError(
           "The model's output does not depend on any parameter through an infinitely wide "
@@ -274,7 +278,8 @@ def _float_dtype(dtype):
 def kernel_fn(model, x_example, *, parameterization: str = "ntk",
               priors: Mapping[str, Any] | Any | None = None,
               apply_kwargs: Mapping[str, Any] | None = None,
-              quadrature_points: int | None = expectations.QUADRATURE_POINTS) -> KernelFn:
+              quadrature_points: int | None = expectations.QUADRATURE_POINTS,
+              input_layer: str = "gaussian") -> KernelFn:
   """Exact infinite-width NNGP and NTK of an unmodified model.
 
   Traces `model` on inputs shaped like `x_example` and interprets its jaxpr
@@ -300,6 +305,12 @@ def kernel_fn(model, x_example, *, parameterization: str = "ntk",
       float64, ~1e-6 in float32, for variances 1e-4..1e2); an int n >= 2: n-point
       Gauss-Hermite per dimension instead (cheaper, accurate only for small
       variances: 48 points are 4e-6 off for tanh at variance 1).
+    input_layer: "gaussian" (default, Neural Tangents' convention): every weight is
+      Gaussian with its initializer's variance. "exact": the pre-activations of a Dense
+      first layer (fan-in plus random bias <= 6) have the exact law of the initializers
+      (truncated normal, uniform, normal), so E[phi(u) phi(v)] and E[phi'(u) phi'(v)]
+      of its nonlinearity are those of the model as initialized (`first_layer`);
+      the layers after it are Gaussian at infinite width either way.
 
   Returns:
     A `KernelFn`: `kernel_fn(x1, x2=None, get=None)`; `get` a string gives an
@@ -318,8 +329,10 @@ def kernel_fn(model, x_example, *, parameterization: str = "ntk",
                                         or quadrature_points < 2):
     raise ValueError("quadrature_points must be None (the rule of stated accuracy) or an "
                      f"int >= 2 (Gauss-Hermite points), got {quadrature_points!r}.")
+  if input_layer not in _INPUT_LAYERS:
+    raise ValueError(f"input_layer must be one of {_INPUT_LAYERS}, got {input_layer!r}.")
   x_example = np.asarray(x_example) if not isinstance(x_example, jax.Array) else x_example
   if np.ndim(x_example) < 1 or np.shape(x_example)[0] < 1:
     raise ValueError("x_example must be a batch of at least one input, shape (n, ...).")
   traceable = as_traceable(model, jnp.asarray(x_example), priors=priors, apply_kwargs=apply_kwargs)
-  return KernelFn(traceable, x_example, parameterization, quadrature_points)
+  return KernelFn(traceable, x_example, parameterization, quadrature_points, input_layer)

@@ -22,6 +22,51 @@ from infinite_modules.errors import PriorError
 
 
 @dataclasses.dataclass(frozen=True)
+class Law:
+  """The distribution family of a parameter's entries, standardized.
+
+  An entry is `mean + sqrt(variance) * xi` (the `Prior`'s mean and variance) with xi
+  of mean 0 and variance 1 and density
+
+      p(xi) = scale * exp(-(alpha * xi + beta)^2 / 2)   on [lower, upper]
+
+  (a normal: alpha 1, beta 0, unbounded; a normal truncated to [lo, hi] in units of its
+  own stddev, standardized by the truncated law's mean m and stddev s: alpha s, beta m,
+  bounds (lo - m) / s, (hi - m) / s; a uniform: alpha = beta = 0, bounds +-sqrt(3)).
+  Only the exact first-layer kernel (`first_layer`) needs more than mean and variance.
+  """
+  family: str
+  lower: float
+  upper: float
+  alpha: float
+  beta: float
+  scale: float
+
+  def density(self, xi):
+    """p(xi) (zero outside [lower, upper]); works on numpy and jax arrays."""
+    inside = (xi >= self.lower) & (xi <= self.upper)
+    return inside * (self.scale * np.exp(-0.5 * (self.alpha * xi + self.beta) ** 2))
+
+
+def normal_law() -> Law:
+  return Law("normal", -math.inf, math.inf, 1.0, 0.0, 1.0 / math.sqrt(2 * math.pi))
+
+
+def uniform_law() -> Law:
+  r = math.sqrt(3.0)
+  return Law("uniform", -r, r, 0.0, 0.0, 1.0 / (2 * r))
+
+
+def truncated_normal_law(lower: float, upper: float) -> Law:
+  """A standard normal truncated to [lower, upper], standardized."""
+  mean, variance = truncated_normal_moments(lower, upper)
+  s = math.sqrt(variance)
+  mass = 0.5 * (math.erf(upper / math.sqrt(2)) - math.erf(lower / math.sqrt(2)))
+  return Law("truncated_normal", (lower - mean) / s, (upper - mean) / s, s, mean,
+             s / (math.sqrt(2 * math.pi) * mass))
+
+
+@dataclasses.dataclass(frozen=True)
 class Prior:
   """Distribution of each entry of a parameter: i.i.d. with this mean/variance.
 
@@ -32,10 +77,14 @@ class Prior:
       added to a field (biases): a non-Gaussian bias makes the sum
       non-Gaussian, so no nonlinearity may follow it. Weights contracted over
       an infinite axis give Gaussian outputs whatever their distribution.
+    law: the standardized distribution family (`Law`) when read from an
+      initializer; None for a user's `Prior` (then normal if `gaussian`, else
+      unknown). Only `kernel_fn(..., input_layer="exact")` reads it.
   """
   variance: float
   mean: float = 0.0
   gaussian: bool = True
+  law: Law | None = dataclasses.field(default=None, compare=False)
 
   def __post_init__(self):
     # Python floats: numpy scalars (fan-ins from np.prod) are not weakly typed in
@@ -137,14 +186,16 @@ def _from_jax_initializer(init: Callable, shape: Sequence[int]) -> Prior | None:
       raise PriorError("constant initializer with a non-uniform value is not i.i.d.")
     return Prior(0.0, float(value.reshape(-1)[0]))
   if name == "normal.<locals>.init":
-    return Prior(float(cells["stddev"]) ** 2, 0.0)
+    return Prior(float(cells["stddev"]) ** 2, 0.0, law=normal_law())
   if name == "truncated_normal.<locals>.init":
-    mean, variance = truncated_normal_moments(float(cells["lower"]), float(cells["upper"]))
+    lower, upper = float(cells["lower"]), float(cells["upper"])
+    mean, variance = truncated_normal_moments(lower, upper)
     stddev = float(cells["stddev"])
-    return Prior(variance * stddev ** 2, mean * stddev, gaussian=False)
+    return Prior(variance * stddev ** 2, mean * stddev, gaussian=False,
+                 law=truncated_normal_law(lower, upper))
   if name == "uniform.<locals>.init":
     scale = float(cells["scale"])
-    return Prior(scale ** 2 / 12.0, scale / 2.0, gaussian=False)
+    return Prior(scale ** 2 / 12.0, scale / 2.0, gaussian=False, law=uniform_law())
   if name == "variance_scaling.<locals>.init":
     fan_in, fan_out = _jax_fans(shape, cells["in_axis"], cells["out_axis"], cells["batch_axis"])
     variance = _scaled_variance(cells["scale"], cells["mode"], fan_in, fan_out, clamp=False)
@@ -152,7 +203,9 @@ def _from_jax_initializer(init: Callable, shape: Sequence[int]) -> Prior | None:
     # `variance` (the truncated normal is divided by its own stddev).
     if cells["distribution"] not in ("normal", "truncated_normal", "uniform"):
       raise PriorError(f"variance_scaling distribution {cells['distribution']!r} is not supported.")
-    return Prior(variance, 0.0, gaussian=cells["distribution"] == "normal")
+    law = {"normal": normal_law, "uniform": uniform_law,
+           "truncated_normal": lambda: truncated_normal_law(-2.0, 2.0)}[cells["distribution"]]()
+    return Prior(variance, 0.0, gaussian=cells["distribution"] == "normal", law=law)
   return None
 
 
@@ -168,14 +221,17 @@ def _from_haiku_initializer(init: Any, shape: Sequence[int]) -> Prior | None:
       raise PriorError("hk.initializers.Constant with a non-uniform value is not i.i.d.")
     return Prior(0.0, float(value.reshape(-1)[0]))
   if name == "RandomNormal":
-    return Prior(float(init.stddev) ** 2, float(init.mean))
+    return Prior(float(init.stddev) ** 2, float(init.mean), law=normal_law())
   if name == "TruncatedNormal":
-    mean, variance = truncated_normal_moments(float(init.lower), float(init.upper))
+    lower, upper = float(init.lower), float(init.upper)
+    mean, variance = truncated_normal_moments(lower, upper)
     stddev = float(init.stddev)
-    return Prior(variance * stddev ** 2, float(init.mean) + mean * stddev, gaussian=False)
+    return Prior(variance * stddev ** 2, float(init.mean) + mean * stddev, gaussian=False,
+                 law=truncated_normal_law(lower, upper))
   if name == "RandomUniform":
     low, high = float(init.minval), float(init.maxval)
-    return Prior((high - low) ** 2 / 12.0, (high + low) / 2.0, gaussian=False)
+    return Prior((high - low) ** 2 / 12.0, (high + low) / 2.0, gaussian=False,
+                 law=uniform_law())
   if name == "VarianceScaling":
     fan_in, fan_out = _haiku_fans(shape, init.fan_in_axes)
     variance = _scaled_variance(init.scale, init.mode, fan_in, fan_out, clamp=True)
@@ -183,8 +239,10 @@ def _from_haiku_initializer(init: Any, shape: Sequence[int]) -> Prior | None:
       # Haiku divides the stddev by the constant .87962566103423978 (the
       # stddev of N(0,1) truncated to [-2, 2]), then draws TruncatedNormal.
       _, tvar = truncated_normal_moments(-2.0, 2.0)
-      return Prior(variance / 0.87962566103423978 ** 2 * tvar, 0.0, gaussian=False)
-    return Prior(variance, 0.0, gaussian=init.distribution == "normal")
+      return Prior(variance / 0.87962566103423978 ** 2 * tvar, 0.0, gaussian=False,
+                   law=truncated_normal_law(-2.0, 2.0))
+    law = normal_law() if init.distribution == "normal" else uniform_law()
+    return Prior(variance, 0.0, gaussian=init.distribution == "normal", law=law)
   return None
 
 

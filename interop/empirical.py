@@ -404,23 +404,23 @@ def _structured(ctx: _Ctx) -> PyTree:
       mapped = {k: v for k, v in kws.items() if k in ctx.kw_axes}
       data_leaves = jax.tree_util.tree_leaves((xs, mapped))
       return sd.side_arrays(prog, plan, p_leaves, data_leaves, metas)
-    out_axes = (list(fx_axes), 0, None) if vmapped else None
+    out_axes = (list(fx_axes), 0, None, 0) if vmapped else None
     return side_fn(fn, x, kw, ctx.x_axis, ctx.kw_axes, out_axes)
 
   metas1: dict = {}
-  jac1, ops1, sc1 = run(prog1, plan1, ctx.x1, ctx.kw1, metas1)
+  jac1, ops1, sc1, d1 = run(prog1, plan1, ctx.x1, ctx.kw1, metas1)
   if ctx.x2 is None:
-    jac2, ops2, sc2, metas2 = jac1, ops1, sc1, metas1
+    jac2, ops2, sc2, d2, metas2 = jac1, ops1, sc1, d1, metas1
   else:
     metas2: dict = {}
-    jac2, ops2, sc2 = run(prog2, plan2, ctx.x2, ctx.kw2, metas2)
+    jac2, ops2, sc2, d2 = run(prog2, plan2, ctx.x2, ctx.kw2, metas2)
   kernels = []
   for o, (lay, out_leaf) in enumerate(zip(ctx.layouts, jax.tree_util.tree_leaves(ctx.out1))):
     n_axis = fx_axes[o] if vmapped else None
     k = sd.structured_kernel(lay, plan1, plan2, jac1[o], jac2[o], ops1, ops2, sc1, sc2,
                              metas1, metas2, n_axis, ctx.leaf_weights,
                              ctx.kernel_dtype(out_leaf), symmetric=ctx.x2 is None,
-                             groups=groups)
+                             groups=groups, diags1=d1, diags2=d2)
     kernels.append(k / lay.trace_size)
   return _unflatten_out(ctx, kernels)
 

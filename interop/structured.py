@@ -43,8 +43,8 @@ import numpy as np
 from jax.extend import core as jcore
 
 from interop import structured_rules as rules
-from interop.shared_cotangents import SharedCotangent, find_shared_cotangent
 from interop._layout import KernelLayout, contract, contraction_cost
+from interop.shared_cotangents import SharedCotangent, find_shared_cotangent
 
 PyTree = Any
 

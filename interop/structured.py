@@ -803,7 +803,9 @@ def pair_contract(a: jax.Array, a_labels: Sequence[int], b: jax.Array,
   Labels are sorted into batch (in ``a``, ``b`` and ``out``), free (in one operand and
   ``out``) and contracted (in both operands, not in ``out``); labels in one operand only
   and not in ``out`` are summed first. Each operand is transposed to ``(batch, free,
-  contracted)`` and reshaped to a 3D array, so XLA sees a single ``dot_general`` with one
+  contracted)`` (or ``(batch, contracted, free)`` when its minor axis is free, so the
+  minor axis stays in place: conv patches ``(n, s, k, c)`` contracted over ``s`` need no
+  copy) and reshaped to a 3D array, so XLA sees a single ``dot_general`` with one
   contracting and one free dimension per side. XLA's CPU backend runs such a product
   several times faster than the same contraction with several contracting dimensions
   (measured 0.023 s vs 0.057 s for ``(160, 36864) x (36864, 160)``, float32, one
@@ -829,17 +831,22 @@ def pair_contract(a: jax.Array, a_labels: Sequence[int], b: jax.Array,
     return contract([a, b], [a_labels, b_labels], out_labels)  # out has a new axis
   size = dict(zip(a_labels, a.shape)) | dict(zip(b_labels, b.shape))
 
-  def matrix(x: jax.Array, labels: tuple[int, ...], free: list[int]) -> jax.Array:
-    order = [labels.index(lab) for lab in (*batch, *free, *summed)]
+  def matrix(x: jax.Array, labels: tuple[int, ...], free: list[int]) -> tuple[jax.Array, int]:
+    # Contracted axes last, or (when the operand's minor axis is a free one) first: the
+    # minor axis then stays in place and the transpose moves contiguous rows (or
+    # nothing: patches (n, s, k, c) contracted over s need no copy at all).
+    contracted_first = labels[-1] in free
+    groups = (free, summed) if not contracted_first else (summed, free)
+    order = [labels.index(lab) for lab in (*batch, *groups[0], *groups[1])]
     x = jnp.transpose(x, order)
-    return x.reshape(tuple(size[lab] for lab in batch)
-                     + (int(np.prod([size[lab] for lab in free])),
-                        int(np.prod([size[lab] for lab in summed]))))
+    x = x.reshape(tuple(size[lab] for lab in batch)
+                  + tuple(int(np.prod([size[lab] for lab in g])) for g in groups))
+    return x, len(batch) + (0 if contracted_first else 1)
 
   nb = len(batch)
+  (am, ac), (bm, bc) = matrix(a, a_labels, free_a), matrix(b, b_labels, free_b)
   prod = jax.lax.dot_general(
-      matrix(a, a_labels, free_a), matrix(b, b_labels, free_b),
-      (((nb + 1,), (nb + 1,)), (tuple(range(nb)), tuple(range(nb)))),
+      am, bm, (((ac,), (bc,)), (tuple(range(nb)), tuple(range(nb)))),
       preferred_element_type=jnp.result_type(a, b))
   prod = prod.reshape(tuple(size[lab] for lab in (*batch, *free_a, *free_b)))
   have = (*batch, *free_a, *free_b)

@@ -429,8 +429,10 @@ def structure_report(model_or_f: Any, x: PyTree, variables: Any,
                      vmap_axes: VMapAxes = AUTO_VMAP_AXES,
                      **apply_fn_kwargs: Any) -> dict[str, list[str]]:
   """Which parameter leaves the structured-derivatives NTK structures, and which it
-  handles generically (by Jacobian contraction), e.g. to find a slow layer; and under
-  ``"batch"`` whether examples were evaluated one at a time (with ``vmap_axes="auto"``:
+  handles generically (by Jacobian contraction), e.g. to find a slow layer; under
+  ``"shared_cotangent"`` the structured leaves whose cotangent factors into a
+  per-example and a per-output part (:mod:`interop.shared_cotangents`; these may take
+  the factored route); and under ``"batch"`` whether examples were evaluated one at a time (with ``vmap_axes="auto"``:
   what the batch-independence analysis found, or which primitive stopped it)."""
   f, params = adapt(model_or_f).bind(variables)
   auto_axes = _AutoVmapAxes()
@@ -451,6 +453,10 @@ def structure_report(model_or_f: Any, x: PyTree, variables: Any,
                      for u in plan.structured],
       "generic": [paths[i] for i in plan.generic],
       "unused": [paths[i] for i in plan.unused],
+      "shared_cotangent": [
+          f"{paths[u.leaf]}: df/dy = D (.) B, B constant along output axes "
+          f"{list(sh.summed_axes)}" for u, sh in zip(plan.structured, plan.shared)
+          if sh is not None],
       "batch": [batch],
   }
 

@@ -29,6 +29,12 @@ structured use:
 5. Each structured contribution is a single ``einsum`` of ``G_1``, the rule's operands
    on both sides and ``G_2`` (see :mod:`interop.structured_rules`), contracted in the
    FLOP-optimal order; for a dense layer that is ``(x_1 x_2^T) * (G_1 G_2^T)``.
+6. Where the cotangent is **output-shared**, ``G_io = D_i (.) B_o`` (a layer followed
+   only by elementwise operations and an input-independent linear map, e.g. the last
+   conv before ReLU, global average pooling and a dense layer; proven from the jaxpr by
+   :mod:`interop.shared_cotangents`), the reverse pass delivers ``B`` (the cotangent of
+   the elementwise chain's end) and forward mode ``D``, and the contraction may take
+   the *factored* route: ``N`` products ``X_i D_i`` instead of ``N O``.
 """
 
 from __future__ import annotations

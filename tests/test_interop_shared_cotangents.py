@@ -129,6 +129,14 @@ def test_shared_cotangent_found_exactly_where_it_holds(name):
     assert found is not None and found.summed_axes == EXPECTED[name], found
 
 
+def test_structure_report_names_shared_cotangents():
+  report = interop.structure_report(cnn_gap, jnp.ones((2, 4, 3, 2)),
+                                    make_params(jax.random.PRNGKey(0)))
+  shared = report["shared_cotangent"]
+  assert any("['c2']['w']" in s and "[1, 2]" in s for s in shared), shared
+  assert not any("['c1']" in s for s in shared), shared
+
+
 def _force_factored(monkeypatch):
   """Makes every use with a shared cotangent take the factored route; returns a list
   that records the routes taken."""

@@ -404,23 +404,23 @@ def _structured(ctx: _Ctx) -> PyTree:
       mapped = {k: v for k, v in kws.items() if k in ctx.kw_axes}
       data_leaves = jax.tree_util.tree_leaves((xs, mapped))
       return sd.side_arrays(prog, plan, p_leaves, data_leaves, metas)
-    out_axes = (list(fx_axes), 0, None) if vmapped else None
+    out_axes = (list(fx_axes), 0, None, 0) if vmapped else None
     return side_fn(fn, x, kw, ctx.x_axis, ctx.kw_axes, out_axes)
 
   metas1: dict = {}
-  jac1, ops1, sc1 = run(prog1, plan1, ctx.x1, ctx.kw1, metas1)
+  jac1, ops1, sc1, d1 = run(prog1, plan1, ctx.x1, ctx.kw1, metas1)
   if ctx.x2 is None:
-    jac2, ops2, sc2, metas2 = jac1, ops1, sc1, metas1
+    jac2, ops2, sc2, d2, metas2 = jac1, ops1, sc1, d1, metas1
   else:
     metas2: dict = {}
-    jac2, ops2, sc2 = run(prog2, plan2, ctx.x2, ctx.kw2, metas2)
+    jac2, ops2, sc2, d2 = run(prog2, plan2, ctx.x2, ctx.kw2, metas2)
   kernels = []
   for o, (lay, out_leaf) in enumerate(zip(ctx.layouts, jax.tree_util.tree_leaves(ctx.out1))):
     n_axis = fx_axes[o] if vmapped else None
     k = sd.structured_kernel(lay, plan1, plan2, jac1[o], jac2[o], ops1, ops2, sc1, sc2,
                              metas1, metas2, n_axis, ctx.leaf_weights,
                              ctx.kernel_dtype(out_leaf), symmetric=ctx.x2 is None,
-                             groups=groups)
+                             groups=groups, diags1=d1, diags2=d2)
     kernels.append(k / lay.trace_size)
   return _unflatten_out(ctx, kernels)
 
@@ -429,8 +429,10 @@ def structure_report(model_or_f: Any, x: PyTree, variables: Any,
                      vmap_axes: VMapAxes = AUTO_VMAP_AXES,
                      **apply_fn_kwargs: Any) -> dict[str, list[str]]:
   """Which parameter leaves the structured-derivatives NTK structures, and which it
-  handles generically (by Jacobian contraction), e.g. to find a slow layer; and under
-  ``"batch"`` whether examples were evaluated one at a time (with ``vmap_axes="auto"``:
+  handles generically (by Jacobian contraction), e.g. to find a slow layer; under
+  ``"shared_cotangent"`` the structured leaves whose cotangent factors into a
+  per-example and a per-output part (:mod:`interop.shared_cotangents`; these may take
+  the factored route); and under ``"batch"`` whether examples were evaluated one at a time (with ``vmap_axes="auto"``:
   what the batch-independence analysis found, or which primitive stopped it)."""
   f, params = adapt(model_or_f).bind(variables)
   auto_axes = _AutoVmapAxes()
@@ -451,6 +453,10 @@ def structure_report(model_or_f: Any, x: PyTree, variables: Any,
                      for u in plan.structured],
       "generic": [paths[i] for i in plan.generic],
       "unused": [paths[i] for i in plan.unused],
+      "shared_cotangent": [
+          f"{paths[u.leaf]}: df/dy = D (.) B, B constant along output axes "
+          f"{list(sh.summed_axes)}" for u, sh in zip(plan.structured, plan.shared)
+          if sh is not None],
       "batch": [batch],
   }
 

@@ -29,6 +29,12 @@ structured use:
 5. Each structured contribution is a single ``einsum`` of ``G_1``, the rule's operands
    on both sides and ``G_2`` (see :mod:`interop.structured_rules`), contracted in the
    FLOP-optimal order; for a dense layer that is ``(x_1 x_2^T) * (G_1 G_2^T)``.
+6. Where the cotangent is **output-shared**, ``G_io = D_i (.) B_o`` (a layer followed
+   only by elementwise operations and an input-independent linear map, e.g. the last
+   conv before ReLU, global average pooling and a dense layer; proven from the jaxpr by
+   :mod:`interop.shared_cotangents`), the reverse pass delivers ``B`` (the cotangent of
+   the elementwise chain's end) and forward mode ``D``, and the contraction may take
+   the *factored* route: ``N`` products ``X_i D_i`` instead of ``N O``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from jax.extend import core as jcore
 
 from interop import structured_rules as rules
 from interop._layout import KernelLayout, contract, contraction_cost
+from interop.shared_cotangents import SharedCotangent, find_shared_cotangent
 
 PyTree = Any
 
@@ -224,11 +231,19 @@ class StructuredUse:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Which leaves are structured (and how) and which take the generic path."""
+  """Which leaves are structured (and how) and which take the generic path.
+
+  ``shared[k]`` is the :class:`SharedCotangent` of structured use ``k`` when its
+  cotangent factors into a per-example and a per-output part, else ``None``.
+  """
 
   structured: tuple[StructuredUse, ...]
   generic: tuple[int, ...]
   unused: tuple[int, ...]
+  shared: tuple[SharedCotangent | None, ...] = ()
+
+  def shared_of(self, k: int) -> SharedCotangent | None:
+    return self.shared[k] if self.shared else None
 
 
 def _consumers(prog: Program) -> dict[int, list[tuple[int, int]]]:
@@ -316,7 +331,9 @@ def plan_structure(prog: Program) -> Plan:
       continue
     use = _find_use(prog, tags, cons, leaf)
     (generic if use is None else structured).append(use if use is not None else leaf)
-  return Plan(tuple(structured), tuple(generic), tuple(unused))
+  cache: dict = {}
+  shared = tuple(find_shared_cotangent(prog, tags, u.node, cache) for u in structured)
+  return Plan(tuple(structured), tuple(generic), tuple(unused), shared)
 
 
 def merge_plans(prog1: Program, plan1: Plan, prog2: Program, plan2: Plan
@@ -339,7 +356,17 @@ def merge_plans(prog1: Program, plan1: Plan, prog2: Program, plan2: Plan
   unused = tuple(sorted(set(plan1.unused) & set(plan2.unused)))
   generic -= set(unused)
   gen = tuple(sorted(generic))
-  return Plan(tuple(keep1), gen, unused), Plan(tuple(keep2), gen, unused)
+  # a cotangent is used factored only if it factors alike on both sides
+  k1 = {u.leaf: k for k, u in enumerate(plan1.structured)}
+  k2 = {v.leaf: k for k, v in enumerate(plan2.structured)}
+  shared1, shared2 = [], []
+  for u, v in zip(keep1, keep2):
+    a, b = plan1.shared_of(k1[u.leaf]), plan2.shared_of(k2[v.leaf])
+    ok = a is not None and b is not None and a.summed_axes == b.summed_axes
+    shared1.append(a if ok else None)
+    shared2.append(b if ok else None)
+  return (Plan(tuple(keep1), gen, unused, tuple(shared1)),
+          Plan(tuple(keep2), gen, unused, tuple(shared2)))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -355,26 +382,32 @@ class _FormMeta:
 
 def side_arrays(prog: Program, plan: Plan, param_leaves: Sequence[Any],
                 data_leaves: Sequence[Any], metas: dict[int, _FormMeta]
-                ) -> tuple[list, list, list]:
-  """Evaluates one side: ``(jac, operands, scales)``.
+                ) -> tuple[list, list, list, list]:
+  """Evaluates one side: ``(jac, operands, scales, diagonals)``.
 
   ``jac[o] = (G, J)``: for output leaf ``o``, ``G[k] = d out_o / d y_k`` for every
   structured use ``k`` and ``J[j] = d out_o / d theta_j`` for every generic leaf ``j``
-  (output axes first). ``operands[k]`` are the rule operands of use ``k``, ``scales[k]``
-  its elementwise scale ``c`` (``None`` when ``c = 1``). Static einsum labels are
-  written to ``metas``.
+  (output axes first). For a use with a shared cotangent (``plan.shared_of(k)``,
+  ``df/dy = D (.) B``), ``G[k]`` is instead the cotangent of its frontier ``d`` (``B``,
+  the same for every example) and ``diagonals[k] = D``, the diagonal of ``dd/dy``
+  (forward mode along the elementwise equations, tangent of ones); otherwise
+  ``diagonals[k]`` is ``None``. ``operands[k]`` are the rule operands of use ``k``,
+  ``scales[k]`` its elementwise scale ``c`` (``None`` when ``c = 1``). Static einsum
+  labels are written to ``metas``.
   """
   boundary = {u.node: k for k, u in enumerate(plan.structured)}
   fixed = {prog.param_ids[u.leaf]: param_leaves[u.leaf] for u in plan.structured}
   for leaf in plan.unused:
     fixed[prog.param_ids[leaf]] = param_leaves[leaf]
   gen_ids = [prog.param_ids[j] for j in plan.generic]
+  shared = [plan.shared_of(k) for k in range(len(plan.structured))]
+  # the variable whose cotangent each use needs; a zero perturbation is added to each
+  wanted = [prog.nodes[u.node].outs[0] if s is None else s.frontier
+            for u, s in zip(plan.structured, shared)]
+  perturbed = list(dict.fromkeys(wanted))
+  eps_index = {v: i for i, v in enumerate(perturbed)}
 
-  def eps_zero(u: StructuredUse) -> jax.Array:
-    aval = prog.avals[prog.nodes[u.node].outs[0]]
-    return jnp.zeros(aval.shape, aval.dtype)
-
-  def g(eps: list, gen: list) -> tuple[list, tuple[list, list]]:
+  def g(eps: list, gen: list) -> tuple[list, tuple[list, list, list]]:
     env: dict[int, Any] = dict(prog.consts)
     env.update(fixed)
     env.update(zip(gen_ids, gen))
@@ -387,10 +420,11 @@ def side_arrays(prog: Program, plan: Plan, param_leaves: Sequence[Any],
     for n, node in enumerate(prog.nodes):
       invals = [read(r) for r in node.ins]
       outs = _bind(node.eqn, invals)
+      outs = [o + eps[eps_index[v]] if v in eps_index else o
+              for o, v in zip(outs, node.outs)]
       k = boundary.get(n)
       if k is not None:
         u = plan.structured[k]
-        outs = [outs[0] + eps[k]]
         masked = list(invals)
         masked[u.pos] = None
         u_shape = tuple(prog.avals[node.ins[u.pos]].shape)
@@ -409,12 +443,37 @@ def side_arrays(prog: Program, plan: Plan, param_leaves: Sequence[Any],
           invals[pos] = v
           v = _bind(node.eqn, invals)[0]
         scales[k] = v
-    return [read(r) for r in prog.out_refs], (ops, scales)
+    diags = [None if s is None else _diagonal_derivative(prog, s, read) for s in shared]
+    return [read(r) for r in prog.out_refs], (ops, scales, diags)
 
-  eps0 = [eps_zero(u) for u in plan.structured]
+  eps0 = [jnp.zeros(prog.avals[v].shape, prog.avals[v].dtype) for v in perturbed]
   gen0 = [param_leaves[j] for j in plan.generic]
-  jac, (ops, scales) = jax.jacrev(g, argnums=(0, 1), has_aux=True)(eps0, gen0)
-  return jac, ops, scales
+  jac, (ops, scales, diags) = jax.jacrev(g, argnums=(0, 1), has_aux=True)(eps0, gen0)
+  jac = [([g_eps[eps_index[v]] for v in wanted], j_gen) for g_eps, j_gen in jac]
+  return jac, ops, scales, diags
+
+
+def _diagonal_derivative(prog: Program, s: SharedCotangent, read: Callable[[Ref], Any]
+                         ) -> jax.Array:
+  """``D = diag(dd/dy)`` as the JVP of the elementwise equations with a tangent of ones
+  (the Jacobian is diagonal, so ``J 1`` is its diagonal)."""
+  y = read(s.boundary)
+  tangents = {s.boundary: jnp.ones_like(y)}
+  for m in s.diag_nodes:
+    node = prog.nodes[m]
+    dep = [p for p, r in enumerate(node.ins) if isinstance(r, int) and r in tangents]
+    vals = [read(r) for r in node.ins]
+
+    def call(*xs: Any, vals: list = vals, dep: list = dep, node: _Node = node) -> Any:
+      v = list(vals)
+      for p, x in zip(dep, xs):
+        v[p] = x
+      return _bind(node.eqn, v)[0]
+
+    _, t = jax.jvp(call, tuple(vals[p] for p in dep),
+                   tuple(tangents[node.ins[p]] for p in dep))
+    tangents[node.outs[0]] = t
+  return jax.lax.stop_gradient(tangents[s.frontier])
 
 
 # ----------------------------------------------------------------------------- contraction
@@ -423,7 +482,9 @@ def side_arrays(prog: Program, plan: Plan, param_leaves: Sequence[Any],
 @dataclasses.dataclass
 class _Term:
   """One structured use, labelled for contraction: side-1 and side-2 operand lists
-  (``G`` first on side 1, last on side 2) and the per-route FLOP costs."""
+  (``G`` first on side 1, last on side 2; a shared cotangent ``D (.) B`` as the two
+  operands ``D, B`` there) and the per-route FLOP costs (``inf`` where a route does not
+  apply)."""
 
   a_ops: list
   a_labs: list
@@ -434,6 +495,21 @@ class _Term:
   scale: Any
   gram_cost: float
   mat_cost: float
+  factored: bool = False
+  fact_keep1: tuple[int, ...] = ()
+  fact_keep2: tuple[int, ...] = ()
+  fact_cost: float = float("inf")
+
+  def route(self) -> str:
+    """``"gram"``, ``"materialize"`` or ``"factored"``: the fewest FLOPs."""
+    return choose_route(self)
+
+
+def choose_route(term: _Term) -> str:
+  """The cheapest contraction route of ``term`` by FLOPs (ties: the earlier of factored,
+  materialize, Gram)."""
+  costs = {"factored": term.fact_cost, "materialize": term.mat_cost, "gram": term.gram_cost}
+  return min(costs, key=costs.__getitem__)
 
 
 def structured_kernel(
@@ -447,6 +523,8 @@ def structured_kernel(
     dtype: Any,
     symmetric: bool,
     groups: Sequence[Sequence[int]] = (),
+    diags1: Sequence[Any] | None = None,
+    diags2: Sequence[Any] | None = None,
 ) -> jax.Array:
   """Sums the structured and generic contributions for one output leaf.
 
@@ -454,14 +532,19 @@ def structured_kernel(
   ``vmap_axes``); rule operands then carry that example axis first. ``symmetric`` means
   side 2 is side 1 (``x2=None``), so per-side intermediates are computed once.
 
-  Each structured use is contracted in the cheaper of two orders (by FLOPs):
+  Each structured use is contracted in the cheapest of three orders (by FLOPs):
 
   * *Gram*: one einsum over both sides, e.g. ``(x_1 x_2^T) * (G_1 G_2^T)`` for a dense
     layer, never forming anything of the size of the weight;
   * *materialize*: per side ``J_s = G_s X_s`` (the leaf's Jacobian in the shape of
     ``u``, computed once if symmetric), then ``J_1 J_2^T``; best when weights are small
     and reused many times (convolutions: ``J = sum_positions patches (x) cotangents``).
-    Both products run as single 2D matrix products (:func:`pair_contract`).
+    Both products run as single 2D matrix products (:func:`pair_contract`);
+  * *factored* (only for a shared cotangent ``G_io = D_i (.) B_o``, see
+    :mod:`interop.shared_cotangents`): per side ``M_i = sum X_i D_i`` over the axes ``B``
+    is constant along (one product per example, not per example and output), then
+    ``sum_u M_i B_o M_j B_o'``. For a conv before ReLU and global average pooling:
+    ``N`` patch products ``P_i^T D_i`` instead of ``N O``.
 
   Uses in one of ``groups`` (see :func:`cotangent_groups`) have the same cotangent
   ``G``; when the first one takes the Gram route they are contracted together,
@@ -498,11 +581,33 @@ def structured_kernel(
       if is_tied and l1 in used1 and l2 in used2:
         ren2[l2] = ren1[l1]
         tied.append(ren1[l1])
+    sh1, sh2 = plan1.shared_of(k), plan2.shared_of(k)
+    factored = sh1 is not None and sh2 is not None and diags1 is not None
 
-    def side(g: list, ops: list, scales: list, meta: _FormMeta, ren: dict,
-             basis: tuple[int, ...], k: int = k) -> tuple[list, list]:
-      operands = [g[k]]
-      labels = [tuple(basis) + tuple(ren[lab] for lab in meta.y_labels)]
+    def side(g: list, ops: list, scales: list, diags: Sequence[Any] | None,
+             meta: _FormMeta, ren: dict, basis: tuple[int, ...], shared: Any,
+             k: int = k) -> tuple[list, list, tuple[int, ...]]:
+      """Operands and labels of one side (``G`` or ``D, B`` first) and, if factored,
+      the labels ``B`` shares with the rest (those ``M`` keeps)."""
+      y_lab = tuple(ren[lab] for lab in meta.y_labels)
+      b_shared: tuple[int, ...] = ()
+      if shared is None:
+        operands, labels = [g[k]], [tuple(basis) + y_lab]
+      else:
+        # D carries the example axis (if vmapped); B is G_d at one example and one index
+        # along each axis it is constant along (proven, see shared_cotangents)
+        ex = () if n_axis is None else (basis[n_axis],)
+        b = g[k]
+        index = [slice(None)] * b.ndim
+        if n_axis is not None:
+          index[n_axis] = 0
+        for a in shared.summed_axes:
+          index[len(basis) + a] = 0
+        b = b[tuple(index)]
+        b_basis = tuple(x for i, x in enumerate(basis) if i != n_axis or n_axis is None)
+        b_y = tuple(x for a, x in enumerate(y_lab) if a not in shared.summed_axes)
+        operands, labels = [diags[k], b], [ex + y_lab, b_basis + b_y]
+        b_shared = ex + b_y
       for op, ls in zip(ops[k], meta.operand_labels):
         lab = tuple(ren[x] for x in ls)
         if n_axis is not None:
@@ -512,11 +617,14 @@ def structured_kernel(
       if scales[k] is not None:
         operands.append(scales[k])
         labels.append(tuple(ren[x] for x in meta.u_labels))
-      return operands, labels
+      return operands, labels, b_shared
 
-    a_ops, a_labs = side(g1, ops1, scales1, m1, ren1, layout.labels1)
-    b_ops, b_labs = side(g2, ops2, scales2, m2, ren2, layout.labels2)
-    b_ops, b_labs = b_ops[1:] + b_ops[:1], b_labs[1:] + b_labs[:1]  # G_2 last
+    a_ops, a_labs, bs1 = side(g1, ops1, scales1, diags1, m1, ren1, layout.labels1,
+                              sh1 if factored else None)
+    b_ops, b_labs, bs2 = side(g2, ops2, scales2, diags2, m2, ren2, layout.labels2,
+                              sh2 if factored else None)
+    n_g = 2 if factored else 1
+    b_ops, b_labs = b_ops[n_g:] + b_ops[:n_g], b_labs[n_g:] + b_labs[:n_g]  # G_2 last
     keep1 = tuple(layout.labels1) + tuple(tied)
     keep2 = tuple(layout.labels2) + tuple(tied)
     gram_cost = contraction_cost(a_ops + b_ops, a_labs + b_labs, layout.out_labels)
@@ -524,12 +632,26 @@ def structured_kernel(
                 + contraction_cost([_shape_of(a_ops, a_labs, keep1),
                                     _shape_of(b_ops, b_labs, keep2)],
                                    [keep1, keep2], layout.out_labels))
-    terms.append(_Term(a_ops, a_labs, b_ops, b_labs, keep1, keep2,
-                       m1.scale * m2.scale * weight(u1.leaf), gram_cost, mat_cost))
+    term = _Term(a_ops, a_labs, b_ops, b_labs, keep1, keep2,
+                 m1.scale * m2.scale * weight(u1.leaf), gram_cost, mat_cost)
+    if factored:
+      term.factored = True
+      term.fact_keep1 = tuple(dict.fromkeys(bs1 + tuple(tied)))
+      term.fact_keep2 = tuple(dict.fromkeys(bs2 + tuple(tied)))
+      m_a = [a_ops[0]] + a_ops[2:], [a_labs[0]] + a_labs[2:]
+      m_b = b_ops[:-1], b_labs[:-1]
+      term.fact_cost = (
+          contraction_cost(*m_a, term.fact_keep1) * (1 if symmetric else 2)
+          + contraction_cost([_shape_of(*m_a, term.fact_keep1), a_ops[1], b_ops[-1],
+                              _shape_of(*m_b, term.fact_keep2)],
+                             [term.fact_keep1, a_labs[1], b_labs[-1], term.fact_keep2],
+                             layout.out_labels))
+    terms.append(term)
 
   done: set[int] = set()
   for group in groups:
-    if len(group) < 2 or terms[group[0]].mat_cost < terms[group[0]].gram_cost:
+    if (len(group) < 2 or any(terms[k].factored for k in group)
+        or terms[group[0]].route() != "gram"):
       continue
     fused = _fused_gram(layout, [terms[k] for k in group])
     if fused is not None:
@@ -539,7 +661,10 @@ def structured_kernel(
   for k, t in enumerate(terms):
     if k in done:
       continue
-    if t.mat_cost < t.gram_cost:
+    route = t.route()
+    if route == "factored":
+      term = _factored_contract(t, layout, symmetric)
+    elif route == "materialize":
       ja, keep1 = _weight_jacobian(t.a_ops, t.a_labs, t.keep1)
       if symmetric:  # J_2 is J_1; its axes carry side 2's labels (same positions)
         side2 = dict(zip(t.keep1, t.keep2))
@@ -559,6 +684,20 @@ def structured_kernel(
                          layout.out_labels)
     total = total + weight(leaf) * term.astype(dtype)
   return total
+
+
+def _factored_contract(t: _Term, layout: KernelLayout, symmetric: bool) -> jax.Array:
+  """``sum M_1 B_1 M_2 B_2`` with ``M_s`` the side's operands other than ``B`` contracted
+  down to the labels ``B`` shares and the tied labels of ``u``."""
+  ma, keep1 = _weight_jacobian([t.a_ops[0]] + t.a_ops[2:], [t.a_labs[0]] + t.a_labs[2:],
+                               t.fact_keep1)
+  if symmetric:
+    side2 = dict(zip(t.fact_keep1, t.fact_keep2))
+    mb, keep2 = ma, tuple(side2[x] for x in keep1)
+  else:
+    mb, keep2 = _weight_jacobian(t.b_ops[:-1], t.b_labs[:-1], t.fact_keep2)
+  return contract([ma, t.a_ops[1], mb, t.b_ops[-1]],
+                  [keep1, t.a_labs[1], keep2, t.b_labs[-1]], layout.out_labels)
 
 
 def _fused_gram(layout: KernelLayout, terms: Sequence[_Term]) -> jax.Array | None:
@@ -670,7 +809,9 @@ def pair_contract(a: jax.Array, a_labels: Sequence[int], b: jax.Array,
   Labels are sorted into batch (in ``a``, ``b`` and ``out``), free (in one operand and
   ``out``) and contracted (in both operands, not in ``out``); labels in one operand only
   and not in ``out`` are summed first. Each operand is transposed to ``(batch, free,
-  contracted)`` and reshaped to a 3D array, so XLA sees a single ``dot_general`` with one
+  contracted)`` (or ``(batch, contracted, free)`` when its minor axis is free, so the
+  minor axis stays in place: conv patches ``(n, s, k, c)`` contracted over ``s`` need no
+  copy) and reshaped to a 3D array, so XLA sees a single ``dot_general`` with one
   contracting and one free dimension per side. XLA's CPU backend runs such a product
   several times faster than the same contraction with several contracting dimensions
   (measured 0.023 s vs 0.057 s for ``(160, 36864) x (36864, 160)``, float32, one
@@ -696,17 +837,22 @@ def pair_contract(a: jax.Array, a_labels: Sequence[int], b: jax.Array,
     return contract([a, b], [a_labels, b_labels], out_labels)  # out has a new axis
   size = dict(zip(a_labels, a.shape)) | dict(zip(b_labels, b.shape))
 
-  def matrix(x: jax.Array, labels: tuple[int, ...], free: list[int]) -> jax.Array:
-    order = [labels.index(lab) for lab in (*batch, *free, *summed)]
+  def matrix(x: jax.Array, labels: tuple[int, ...], free: list[int]) -> tuple[jax.Array, int]:
+    # Contracted axes last, or (when the operand's minor axis is a free one) first: the
+    # minor axis then stays in place and the transpose moves contiguous rows (or
+    # nothing: patches (n, s, k, c) contracted over s need no copy at all).
+    contracted_first = labels[-1] in free
+    groups = (free, summed) if not contracted_first else (summed, free)
+    order = [labels.index(lab) for lab in (*batch, *groups[0], *groups[1])]
     x = jnp.transpose(x, order)
-    return x.reshape(tuple(size[lab] for lab in batch)
-                     + (int(np.prod([size[lab] for lab in free])),
-                        int(np.prod([size[lab] for lab in summed]))))
+    x = x.reshape(tuple(size[lab] for lab in batch)
+                  + tuple(int(np.prod([size[lab] for lab in g])) for g in groups))
+    return x, len(batch) + (0 if contracted_first else 1)
 
   nb = len(batch)
+  (am, ac), (bm, bc) = matrix(a, a_labels, free_a), matrix(b, b_labels, free_b)
   prod = jax.lax.dot_general(
-      matrix(a, a_labels, free_a), matrix(b, b_labels, free_b),
-      (((nb + 1,), (nb + 1,)), (tuple(range(nb)), tuple(range(nb)))),
+      am, bm, (((ac,), (bc,)), (tuple(range(nb)), tuple(range(nb)))),
       preferred_element_type=jnp.result_type(a, b))
   prod = prod.reshape(tuple(size[lab] for lab in (*batch, *free_a, *free_b)))
   have = (*batch, *free_a, *free_b)

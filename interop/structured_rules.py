@@ -32,6 +32,7 @@ Two registries, keyed by primitive name, in the style of ``jax.experimental.jet`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -141,18 +142,53 @@ def _add_rule(sign_of_rhs: float) -> LinearRule:
   return rule
 
 
+def conv_patches(x: jax.Array, filter_shape: Sequence[int], params: dict) -> jax.Array:
+  """The image patches of ``conv_general_dilated(x, W, **params)``, shape
+  ``(batch, *out_spatial, *filter_shape, channels)`` (channels minor).
+
+  Pure data movement, so exact: ``x`` is padded (``lax.pad``; interior padding is the
+  input dilation, negative edges crop) and, for each filter offset ``k``, strided-sliced
+  from ``k * rhs_dilation`` with the window strides; the slices are concatenated along
+  the channel axis. XLA's CPU backend runs this ~3x faster than
+  ``lax.conv_general_dilated_patches`` (a grouped convolution with a one-hot filter):
+  2.9 ms vs 9.1 ms for 16 x 16 x 16 x 64 inputs and a 3 x 3 filter, one thread.
+  """
+  lhs_spec = params["dimension_numbers"][0]
+  xt = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (N, *spatial, C)
+  nsp = len(filter_shape)
+  config = [(0, 0, 0)]
+  for (lo, hi), ld in zip(params["padding"], params["lhs_dilation"]):
+    config.append((lo, hi, ld - 1))
+  config.append((0, 0, 0))
+  xp = lax.pad(xt, jnp.zeros((), xt.dtype), config)
+  out_sizes = []
+  for i in range(nsp):
+    span = (filter_shape[i] - 1) * params["rhs_dilation"][i] + 1
+    out_sizes.append(max(0, (xp.shape[1 + i] - span) // params["window_strides"][i] + 1))
+  slices = []
+  for offset in itertools.product(*(range(f) for f in filter_shape)):
+    start = [0] + [k * r for k, r in zip(offset, params["rhs_dilation"])] + [0]
+    limit = ([xp.shape[0]] + [st + (o - 1) * s + 1 if o else st for st, o, s in
+                              zip(start[1:], out_sizes, params["window_strides"])]
+             + [xp.shape[-1]])
+    strides = [1, *params["window_strides"], 1]
+    slices.append(lax.slice(xp, start, limit, strides))
+  patches = jnp.concatenate(slices, axis=-1) if len(slices) > 1 else slices[0]
+  return patches.reshape(patches.shape[:-1] + tuple(filter_shape) + (xt.shape[-1],))
+
+
 def _conv_rule(params: dict, invals: Sequence[Any], pos: int,
                u_shape: tuple[int, ...]) -> LinearForm | None:
-  """``y = conv(x, W)`` as ``y[b, o, s] = sum_{c, k} P[b, s, c, k] W[o, c, k]``.
+  """``y = conv(x, W)`` as ``y[b, o, s] = sum_{c, k} P[b, s, k, c] W[o, c, k]``.
 
-  ``P`` are the image patches (``lax.conv_general_dilated_patches``, any strides,
-  padding, lhs/rhs dilation and layout), so the rule reduces to a ``dot_general``.
+  ``P`` are the image patches (:func:`conv_patches`, any strides, padding, lhs/rhs
+  dilation and layout), so the rule reduces to a ``dot_general``.
 
   With ``feature_group_count = G`` (grouped and depthwise convolutions) input channel
   ``c = g C_g + c'`` only feeds outputs ``o`` of group ``g(o) = o // (O / G)``, and ``W``
   has ``C_g`` input features:
 
-      y[b, o, s] = sum_{g, c', k} E[g, o] P[b, s, g, c', k] W[o, c', k],
+      y[b, o, s] = sum_{g, c', k} E[g, o] P[b, s, k, g, c'] W[o, c', k],
       E[g, o] = 1 if g = g(o) else 0,
 
   exact with a ``G x O`` one-hot operand ``E``. ``batch_group_count > 1`` (which only
@@ -167,32 +203,26 @@ def _conv_rule(params: dict, invals: Sequence[Any], pos: int,
   n_in, n_out = x.shape[lhs_spec[1]], u_shape[rhs_spec[0]]
   if n_in % groups or n_out % groups or u_shape[rhs_spec[1]] * groups != n_in:
     return None
-  patches = lax.conv_general_dilated_patches(
-      x, filter_shape, params["window_strides"], params["padding"],
-      lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
-      dimension_numbers=params["dimension_numbers"], precision=lax.Precision.HIGHEST)
-  patches = jnp.moveaxis(patches, out_spec[1], -1)
-  # patch features are ordered (input channel, *filter), channel-major
-  patches = patches.reshape(patches.shape[:-1] + (groups, n_in // groups) + filter_shape)
+  patches = conv_patches(x, filter_shape, params)  # (N, *out_spatial, *filter, C)
+  patches = patches.reshape(patches.shape[:-1] + (groups, n_in // groups))
   nd = x.ndim
   y = tuple(range(nd))  # y axis d has label d
   g_label, c_label = nd, nd + 1
   k_labels = tuple(range(nd + 2, nd + 2 + len(filter_shape)))
-  spatial_and_batch = tuple(d for d in range(nd) if d != out_spec[1])
+  batch_and_spatial = (out_spec[0], *out_spec[2:])
   u_labels = [0] * len(u_shape)
   u_labels[rhs_spec[0]] = out_spec[1]
   u_labels[rhs_spec[1]] = c_label
   for i, d in enumerate(rhs_spec[2:]):
     u_labels[d] = k_labels[i]
   if groups == 1:  # no group axis: drop it from the patches
-    patches = patches.reshape(patches.shape[:len(spatial_and_batch)] + patches.shape[-1 - len(
-        filter_shape):])
-    return LinearForm((patches,), (spatial_and_batch + (c_label,) + k_labels,),
+    patches = patches.reshape(patches.shape[:-2] + (n_in,))
+    return LinearForm((patches,), (batch_and_spatial + k_labels + (c_label,),),
                       tuple(u_labels), y)
   one_hot = (jnp.arange(groups)[:, None] == jnp.arange(n_out)[None, :] // (n_out // groups)
              ).astype(x.dtype)
   return LinearForm((one_hot, patches),
-                    ((g_label, out_spec[1]), spatial_and_batch + (g_label, c_label) + k_labels),
+                    ((g_label, out_spec[1]), batch_and_spatial + k_labels + (g_label, c_label)),
                     tuple(u_labels), y)
 
 

@@ -314,7 +314,11 @@ def evaluate(expr, z, ctx_values):
       prim, params, args = e[1], dict(e[2]), e[3]
       vals = [visit(a) for a in args]
       shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in vals))
-      vals = [jnp.broadcast_to(v, shape) for v in vals]
+      # numpy values (phi's literals) are broadcast by numpy: a jnp broadcast of a
+      # constant runs eagerly under `ensure_compile_time_eval` (closed-form probes), a
+      # separately compiled XLA program per literal and shape.
+      vals = [np.broadcast_to(v, shape) if isinstance(v, np.ndarray | np.generic)
+              else jnp.broadcast_to(v, shape) for v in vals]
       if prim.name == "convert_element_type" and jnp.issubdtype(params["new_dtype"],
                                                                  jnp.floating):
         # float targets follow the kernel's dtype (float32 models, float64 kernels)
@@ -336,6 +340,8 @@ def _in_dtype(value, dtype):
   primitives that need equal dtypes (lax.sub, lax.max) accept them.
   """
   if jnp.issubdtype(jnp.result_type(value), jnp.floating) and jnp.result_type(value) != dtype:
+    if isinstance(value, np.ndarray | np.generic):
+      return np.asarray(value, dtype)  # stays a numpy constant (see `evaluate`)
     return jnp.asarray(value).astype(dtype)
   return value
 

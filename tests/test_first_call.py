@@ -1,0 +1,84 @@
+"""The work of a first call: what construction does once and a call does not repeat.
+
+* `im.kernel_fn(model, x)` interprets the model once (choosing the layout and raising
+  the errors of unsupported operations there); a call `kernel_fn(x, None)` at the
+  example's shape, jitted or not, reuses that pass's program instead of interpreting
+  the model again, and gives the kernel a fresh interpretation gives.
+* A call at a new batch size traces the model once, not twice (the probe trace that
+  tells the batch axes apart is the example's own trace).
+* A model whose jaxpr changes with the batch size is refused with a clear error
+  instead of matching the steps of unlike traces.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.nn.initializers import variance_scaling
+
+import infinite_modules as im
+from infinite_modules import api
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    init = variance_scaling(2.0, "fan_in", "normal")
+    x = nn.relu(nn.Conv(4, (3, 3), kernel_init=init)(x))
+    return nn.Dense(1, kernel_init=init)(x.reshape(x.shape[0], -1))
+
+
+X = np.random.RandomState(0).randn(4, 5, 5, 2).astype(np.float32)
+
+
+@pytest.fixture
+def interpretations(monkeypatch):
+  """Counts the interpreter's passes over the model's jaxpr."""
+  count = []
+  original = api.run_jaxpr
+
+  def counting(*args, **kwargs):
+    count.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(api, "run_jaxpr", counting)
+  return count
+
+
+def test_call_at_example_shape_reuses_the_construction_pass(interpretations):
+  kf = im.kernel_fn(Net(), X)
+  assert len(interpretations) == 1  # the construction pass (diagonal layout suffices)
+  direct = kf(X, None, get=("nngp", "ntk"))
+  jitted = jax.jit(lambda a: tuple(kf(a, None, get=("nngp", "ntk"))))(X)
+  assert len(interpretations) == 1, "a call at the example's shape interpreted the model again"
+  kf(X[:3], None)  # another shape: interpreted at its own shapes
+  assert len(interpretations) == 2
+  # The reused program is the kernel: the same as a kernel_fn built from one example.
+  fresh = im.kernel_fn(Net(), X[:1])(X, None, get=("nngp", "ntk"))
+  for a, b, c in zip(direct, jitted, fresh):
+    np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(b, c, rtol=1e-6, atol=1e-7)
+
+
+def test_new_batch_size_traces_the_model_once():
+  kf = im.kernel_fn(Net(), X[:1])
+  before = api.KernelFn._trace.cache_info().misses
+  kf(X, None)
+  assert api.KernelFn._trace.cache_info().misses - before == 1
+  kf(X, X[:2])  # a second batch of a new size: one more trace
+  assert api.KernelFn._trace.cache_info().misses - before == 2
+
+
+def test_jaxpr_that_changes_with_batch_size_is_refused():
+  class Branchy(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(4)(x)
+      if x.shape[0] > 1:  # a Python branch on the batch size: other steps per size
+        h = h * 2.0
+      return nn.Dense(1)(nn.relu(h))
+
+  with pytest.raises(im.InfiniteWidthError, match="changes with the batch size"):
+    im.kernel_fn(Branchy(), np.ones((1, 3), np.float32))

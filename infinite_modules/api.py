@@ -55,7 +55,9 @@ class KernelFn:
     # jitted function the calls use, so its program is in jit's trace cache: a call
     # `kernel_fn(x, None)` with x shaped like x_example (jitted or not) is not
     # interpreted again, only compiled.
-    example = jax.ShapeDtypeStruct(np.shape(x_example), _input_dtype(x_example.dtype))
+    # In the dtype a call converts x to (float64 data is float32 without jax_enable_x64).
+    dtype = _input_dtype(jax.dtypes.canonicalize_dtype(x_example.dtype))
+    example = jax.ShapeDtypeStruct(np.shape(x_example), dtype)
     try:
       jax.eval_shape(functools.partial(self._compute, full=False), example, None)
       self.full = False

@@ -82,3 +82,11 @@ def test_jaxpr_that_changes_with_batch_size_is_refused():
 
   with pytest.raises(im.InfiniteWidthError, match="changes with the batch size"):
     im.kernel_fn(Branchy(), np.ones((1, 3), np.float32))
+
+
+def test_float64_data_is_the_calls_program(interpretations):
+  """numpy float64 data as the example: traced in the dtype the call converts it to."""
+  x = X.astype(np.float64)
+  kf = im.kernel_fn(Net(), x)
+  kf(x, None)
+  assert len(interpretations) == 1

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import expectations as ex
-from infinite_modules import pairlaw
+from infinite_modules import homogeneous, pairlaw
 from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.moments import diag_of, mirror, pair_broadcast, same_point
 from infinite_modules.values import Root
@@ -556,10 +556,13 @@ def _closed_form(expr, kinks, dtype):
     key = (key, jnp.dtype(dtype).name)
     if key in _CLOSED_FORMS:
       return _CLOSED_FORMS[key]
-  form = None
-  gs = [lambda t, g=g: evaluate(g, t, ()) for g, _ in kinks]
-  if ex.kinks_only_at_zero(gs, dtype):
-    form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
+  # Positively homogeneous phi (relu, leaky_relu, abs) are read off the structure, with
+  # no probes to compile (see `homogeneous`); others are fitted on probe points.
+  form = homogeneous.relu_pair_form(expr, dtype)
+  if form is None:
+    gs = [lambda t, g=g: evaluate(g, t, ()) for g, _ in kinks]
+    if ex.kinks_only_at_zero(gs, dtype):
+      form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
   if key is not None and len(_CLOSED_FORMS) < 1024:
     _CLOSED_FORMS[key] = form
   return form
@@ -609,6 +612,8 @@ class UndefinedPhiError(InfiniteWidthError):
 def _check_defined(expr, dtype):
   """Raises `UndefinedPhiError` if the location-free phi is NaN somewhere on the line
   (memoized by phi's structure, like closed-form recognition)."""
+  if homogeneous.is_homogeneous(expr):
+    return  # built from steps finite on finite inputs (see `homogeneous`)
   key = _structure(expr)
   if key is not None:
     key = (key, jnp.dtype(dtype).name)

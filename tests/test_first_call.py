@@ -8,18 +8,24 @@
   tells the batch axes apart is the example's own trace).
 * A model whose jaxpr changes with the batch size is refused with a clear error
   instead of matching the steps of unlike traces.
+* Positively homogeneous activations get their closed form from their structure
+  (`homogeneous`, no probe programs to compile): the same form the probe fit finds;
+  activations that are not homogeneous are left to the fit.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.nn.initializers import variance_scaling
 
 import infinite_modules as im
-from infinite_modules import api
+from infinite_modules import api, homogeneous
+from infinite_modules import elementwise as ew
+from infinite_modules import expectations as ex
 
 
 class Net(nn.Module):
@@ -90,3 +96,44 @@ def test_float64_data_is_the_calls_program(interpretations):
   kf = im.kernel_fn(Net(), x)
   kf(x, None)
   assert len(interpretations) == 1
+
+
+HOMOGENEOUS = {
+    "relu": jax.nn.relu, "leaky_relu": lambda h: jax.nn.leaky_relu(h, 0.1), "abs": jnp.abs,
+    "-relu": lambda h: -jax.nn.relu(h), "max(h, 0.3 h)": lambda h: jnp.maximum(h, 0.3 * h),
+    "h * (h > 0)": lambda h: h * (h > 0), "where": lambda h: jnp.where(h > 0, 2 * h, -0.5 * h),
+}
+NOT_HOMOGENEOUS = {
+    "relu6": jax.nn.relu6, "relu + 0.1": lambda h: jax.nn.relu(h) + 0.1,
+    "h * h": lambda h: h * h, "gelu": jax.nn.gelu, "relu(h - 1)": lambda h: jax.nn.relu(h - 1.0),
+}
+
+
+@pytest.mark.parametrize("name", [*HOMOGENEOUS, *NOT_HOMOGENEOUS])
+def test_homogeneous_closed_form_is_the_fitted_one(name, monkeypatch):
+  phi = {**HOMOGENEOUS, **NOT_HOMOGENEOUS}[name]
+  pairs = []
+  structural = homogeneous.relu_pair_form
+
+  def both(expr, dtype):
+    form = structural(expr, dtype)
+    pairs.append((form, ex.recognize(lambda t: ew.evaluate(expr, t, ()), dtype)))
+    return form
+
+  monkeypatch.setattr(homogeneous, "relu_pair_form", both)
+  monkeypatch.setattr(ew, "_CLOSED_FORMS", {})
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(phi(nn.Dense(8)(x)))
+
+  im.kernel_fn(M(), np.ones((2, 3), np.float32))
+  (form, fitted), = pairs
+  if name in NOT_HOMOGENEOUS:
+    assert form is None
+    return
+  assert isinstance(form.core, ex.ReluPair) and isinstance(fitted.core, ex.ReluPair)
+  assert (form.core.p, form.core.n, form.a, form.s) == (
+      fitted.core.p, fitted.core.n, fitted.a, fitted.s)
+  assert form.b == fitted.b == 0

@@ -259,5 +259,6 @@ def kernel_fn(model, x_example, *, parameterization: str = "ntk",
   x_example = np.asarray(x_example) if not isinstance(x_example, jax.Array) else x_example
   if np.ndim(x_example) < 1 or np.shape(x_example)[0] < 1:
     raise ValueError("x_example must be a batch of at least one input, shape (n, ...).")
-  traceable = as_traceable(model, jnp.asarray(x_example), priors=priors, apply_kwargs=apply_kwargs)
+  # numpy as given: the model is only traced on it (a device copy would compile a program).
+  traceable = as_traceable(model, x_example, priors=priors, apply_kwargs=apply_kwargs)
   return KernelFn(traceable, x_example, parameterization, quadrature_points)

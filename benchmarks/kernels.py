@@ -16,8 +16,12 @@ importable on current JAX by ``../shared/tools/nt_stax_on_current_jax.py``
 dependency of this project). Without NT the script reports our side only.
 
 Per workload and library: ``first_call_s`` (build the kernel function, trace, compile
-and run once: what a user waits for), then ``--repeats`` interleaved rounds (ours, NT,
-ours, NT, ...; load from other processes hits both alike) of the jitted call, each
+and run once: what a user waits for; ours is ``im.kernel_fn(model, x)`` then the jitted
+``kernel_fn(x, None, ...)``, NT's builds the ``stax`` network, jits and calls it;
+``first_call_example1_s``: ours with ``x[:1]`` as the example, so the call's batch size
+is new to the kernel function; ``--breakdown`` adds our first call's phases), then
+``--repeats`` interleaved rounds (ours, NT, ours, NT, ...; load from other processes
+hits both alike) of the jitted call, each
 timed to ``block_until_ready``; ``seconds`` is the minimum. ``ratio`` is NT seconds /
 ours (> 1: we are faster), ``ms_per_entry`` seconds * 1000 / n^2,
 ``max_rel_diff`` max |ours - NT| / max |NT| over both kernels. ``flops`` /
@@ -27,7 +31,7 @@ multiply-add per window tap, per moment entry and per layer; transcendentals not
 counted). The header records the machine and its load average.
 
   python benchmarks/kernels.py [--workloads fcn,cnn_flatten,cnn_gap] [--repeats 3]
-                               [--n fcn=256,cnn_gap=4] [--no-nt] [--isolate]
+                               [--n fcn=256,cnn_gap=4] [--no-nt] [--isolate] [--breakdown]
 
 ``--isolate`` runs each library in its own process (one after the other) and adds its
 peak memory: ``peak_rss_gb`` (the process's peak resident set) and, on a GPU/TPU,
@@ -176,7 +180,7 @@ def run_side(name: str, w: Workload, side: str, repeats: int, save: str) -> dict
   jax.block_until_ready(jax.jit(lambda a: a * 2)(np.ones(3, np.float32)))
   start = time.perf_counter()
   if side == "ours":
-    kf = im.kernel_fn(FlaxNet(w), x[:1])
+    kf = im.kernel_fn(FlaxNet(w), x)
     fn = jax.jit(lambda a: tuple(kf(a, None, get=("nngp", "ntk"))))
   else:
     nt = nt_kernel_fn(w)
@@ -217,19 +221,47 @@ def run_isolated(name: str, w: Workload, repeats: int, use_nt: bool) -> dict:
   return row
 
 
-def run(name: str, w: Workload, repeats: int, use_nt: bool) -> dict:
+def first_call_parts(w: Workload, x, example) -> dict:
+  """Our first call split into its phases: a fresh kernel_fn (construction), then
+  `jax.jit(...).trace`, `.lower()`, `.compile()` and the run, timed one by one."""
+  clock = time.perf_counter
+  t0 = clock()
+  kf = im.kernel_fn(FlaxNet(w), example)
+  t1 = clock()
+  traced = jax.jit(lambda a: tuple(kf(a, None, get=("nngp", "ntk")))).trace(x)
+  t2 = clock()
+  lowered = traced.lower()
+  t3 = clock()
+  compiled = lowered.compile()
+  t4 = clock()
+  jax.block_until_ready(compiled(x))
+  t5 = clock()
+  return {"construct_s": t1 - t0, "trace_s": t2 - t1, "lower_s": t3 - t2, "compile_s": t4 - t3,
+          "run_s": t5 - t4}
+
+
+def run(name: str, w: Workload, repeats: int, use_nt: bool, breakdown: bool = False) -> dict:
   x = np.random.RandomState(0).randn(w.n, *w.shape).astype(np.float32)
   sides = {}
 
+  # First call as a user makes it: kernel_fn of the model with the data as example,
+  # then the jitted call on that data.
   start = time.perf_counter()
-  kf = im.kernel_fn(FlaxNet(w), x[:1])
+  kf = im.kernel_fn(FlaxNet(w), x)
   ours = jax.jit(lambda a: tuple(kf(a, None, get=("nngp", "ntk"))))
   result_ours = jax.block_until_ready(ours(x))
   sides["ours"] = {"fn": ours, "first_call_s": time.perf_counter() - start, "out": result_ours}
+  # The same with a one-example x_example: the call is at another batch size, so it
+  # is interpreted again (construction's trace is at the example's shape).
+  start = time.perf_counter()
+  kf1 = im.kernel_fn(FlaxNet(w), x[:1])
+  jax.block_until_ready(jax.jit(lambda a: tuple(kf1(a, None, get=("nngp", "ntk"))))(x))
+  sides["ours"]["first_call_example1_s"] = time.perf_counter() - start
 
-  nt = nt_kernel_fn(w) if use_nt else None
+  nt = nt_kernel_fn(w) if use_nt else None  # imports NT (not timed)
   if nt is not None:
     start = time.perf_counter()
+    nt = nt_kernel_fn(w)
     nt_jit = jax.jit(lambda a: tuple(nt(a, None, ("nngp", "ntk"))))
     result_nt = jax.block_until_ready(nt_jit(x))
     sides["nt"] = {"fn": nt_jit, "first_call_s": time.perf_counter() - start, "out": result_nt}
@@ -244,9 +276,13 @@ def run(name: str, w: Workload, repeats: int, use_nt: bool) -> dict:
          "min_flops": w.min_flops()}
   for side, s in sides.items():
     best = min(times[side])
+    compiled = s["fn"].lower(x).compile()
     row[side] = {"seconds": best, "first_call_s": s["first_call_s"],
-                 "ms_per_entry": best * 1000 / w.n ** 2,
-                 **_cost(s["fn"].lower(x).compile()), **_memory(s["fn"].lower(x).compile())}
+                 "ms_per_entry": best * 1000 / w.n ** 2, **_cost(compiled), **_memory(compiled)}
+    if "first_call_example1_s" in s:
+      row[side]["first_call_example1_s"] = s["first_call_example1_s"]
+  if breakdown:
+    row["ours"]["first_call_parts"] = first_call_parts(w, x, x)
   if "nt" in sides:
     row["ratio"] = row["nt"]["seconds"] / row["ours"]["seconds"]
     row["first_call_ratio"] = row["nt"]["first_call_s"] / row["ours"]["first_call_s"]
@@ -268,6 +304,9 @@ def main(argv=None):
   parser.add_argument("--isolate", action="store_true",
                       help="each library in its own process (peak RSS / device memory per "
                            "library; use on an accelerator)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time our first call's phases (construct, trace, lower, "
+                           "compile, run) on a fresh kernel_fn")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # side:workload:n, for --isolate
   parser.add_argument("--save", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -287,7 +326,10 @@ def main(argv=None):
     w = WORKLOADS[name]
     if name in sizes:
       w = dataclasses.replace(w, n=int(sizes[name]))
-    row = (run_isolated if args.isolate else run)(name, w, args.repeats, not args.no_nt)
+    if args.isolate:
+      row = run_isolated(name, w, args.repeats, not args.no_nt)
+    else:
+      row = run(name, w, args.repeats, not args.no_nt, args.breakdown)
     row["load_average"] = os.getloadavg()
     print(json.dumps(row), flush=True)
 

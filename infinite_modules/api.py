@@ -42,6 +42,7 @@ class KernelFn:
     self._traceable = traceable
     self.input_layer = input_layer
     self._feature_shape = tuple(np.shape(x_example)[1:])
+    self._example_size = int(np.shape(x_example)[0])
     self.parameterization = parameterization
     self._points = points
     flat_priors = jax.tree_util.tree_leaves(traceable.priors,
@@ -51,12 +52,20 @@ class KernelFn:
     self._treedef = jax.tree_util.tree_structure(traceable.params)
     self._shapes = [np.shape(p) for p in jax.tree_util.tree_leaves(traceable.params)]
     self._compute = jax.jit(self._kernel, static_argnames=("full",))
-    example = jax.ShapeDtypeStruct(np.shape(x_example), _input_dtype(np.asarray(x_example).dtype))
+    # The construction pass: interprets the model once (abstractly) to choose the
+    # layout and to raise the errors of unsupported operations here, not at the first
+    # call. It traces the kernel of x_example with itself (x2=None) through the same
+    # jitted function the calls use, so its program is in jit's trace cache: a call
+    # `kernel_fn(x, None)` with x shaped like x_example (jitted or not) is not
+    # interpreted again, only compiled.
+    # In the dtype a call converts x to (float64 data is float32 without jax_enable_x64).
+    dtype = _input_dtype(jax.dtypes.canonicalize_dtype(x_example.dtype))
+    example = jax.ShapeDtypeStruct(np.shape(x_example), dtype)
     try:
-      jax.eval_shape(functools.partial(self._kernel, full=False), example, example)
+      jax.eval_shape(functools.partial(self._compute, full=False), example, None)
       self.full = False
     except NeedFullLayout:
-      jax.eval_shape(functools.partial(self._kernel, full=True), example, example)
+      jax.eval_shape(functools.partial(self._compute, full=True), example, None)
       self.full = True
 
   @property
@@ -107,6 +116,16 @@ class KernelFn:
     x = jax.ShapeDtypeStruct((n, *self._feature_shape), x_dtype)
     with intercept_registered_modules():
       return jax.make_jaxpr(self._traceable.apply)(params, x)
+
+  def _probe_size(self, n: int) -> int:
+    """The batch size of the probe trace for a first batch of n (see `interpreter`).
+
+    Any size other than n tells the batch axes apart; the example's own size is
+    traced at construction already, so a call at a new batch size traces the model
+    once (at that size), not twice. The construction pass itself (n = the example
+    size) probes at 2 n + 1.
+    """
+    return self._example_size if n != self._example_size else 2 * n + 1
 
   def _kernel(self, x1, x2, *, full: bool) -> Kernel:
     """The kernel between x1 and x2; x2=None: between x1 and itself."""
@@ -184,7 +203,7 @@ class KernelFn:
     dtype = _float_dtype(x1.dtype)
     n1, n2 = x1.shape[0], x2.shape[0]
     j1, j2 = self._trace(n1, x1.dtype), self._trace(n2, x1.dtype)
-    jp = self._trace(n1 + n2 + 1, x1.dtype)
+    jp = self._trace(self._probe_size(n1), x1.dtype)
     invals = [ParamRef(i, path, prior, shape, tuple(range(len(shape))))
               for i, (path, prior, shape) in enumerate(zip(self._paths, self._priors, self._shapes))]
     x = Concrete(x1, x2, 0)
@@ -334,5 +353,6 @@ def kernel_fn(model, x_example, *, parameterization: str = "ntk",
   x_example = np.asarray(x_example) if not isinstance(x_example, jax.Array) else x_example
   if np.ndim(x_example) < 1 or np.shape(x_example)[0] < 1:
     raise ValueError("x_example must be a batch of at least one input, shape (n, ...).")
-  traceable = as_traceable(model, jnp.asarray(x_example), priors=priors, apply_kwargs=apply_kwargs)
+  # numpy as given: the model is only traced on it (a device copy would compile a program).
+  traceable = as_traceable(model, x_example, priors=priors, apply_kwargs=apply_kwargs)
   return KernelFn(traceable, x_example, parameterization, quadrature_points, input_layer)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import expectations as ex
-from infinite_modules import pairlaw
+from infinite_modules import homogeneous, pairlaw
 from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.moments import diag_of, mirror, pair_broadcast, same_point, whole_batch
 from infinite_modules.values import Root
@@ -314,7 +314,11 @@ def evaluate(expr, z, ctx_values):
       prim, params, args = e[1], dict(e[2]), e[3]
       vals = [visit(a) for a in args]
       shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in vals))
-      vals = [jnp.broadcast_to(v, shape) for v in vals]
+      # numpy values (phi's literals) are broadcast by numpy: a jnp broadcast of a
+      # constant runs eagerly under `ensure_compile_time_eval` (closed-form probes), a
+      # separately compiled XLA program per literal and shape.
+      vals = [np.broadcast_to(v, shape) if isinstance(v, np.ndarray | np.generic)
+              else jnp.broadcast_to(v, shape) for v in vals]
       if prim.name == "convert_element_type" and jnp.issubdtype(params["new_dtype"],
                                                                  jnp.floating):
         # float targets follow the kernel's dtype (float32 models, float64 kernels)
@@ -336,6 +340,8 @@ def _in_dtype(value, dtype):
   primitives that need equal dtypes (lax.sub, lax.max) accept them.
   """
   if jnp.issubdtype(jnp.result_type(value), jnp.floating) and jnp.result_type(value) != dtype:
+    if isinstance(value, np.ndarray | np.generic):
+      return np.asarray(value, dtype)  # stays a numpy constant (see `evaluate`)
     return jnp.asarray(value).astype(dtype)
   return value
 
@@ -378,14 +384,20 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
   loc1, loc2 = (n1, *root.spatial), (n2, *root.spatial)
   ctx1 = tuple(jnp.broadcast_to(c[0], loc1) for c in ctx)
   ctx2 = tuple(jnp.broadcast_to(c[1], loc2) for c in ctx)
+  # x2=None: one batch, whose single-input moments are one array (`moments.per_side`);
+  # without location constants each side's moments are then computed once.
+  one_batch = not ctx and root.var2 is root.var1 and root.mean2 is root.mean1
   m1 = jnp.zeros(loc1, dtype) if root.mean1 is None else root.mean1
-  m2 = jnp.zeros(loc2, dtype) if root.mean2 is None else root.mean2
+  m2 = m1 if one_batch else jnp.zeros(loc2, dtype) if root.mean2 is None else root.mean2
 
   if is_affine(expr):
     beta1 = evaluate(expr, jnp.zeros(loc1, dtype), ctx1)
-    beta2 = evaluate(expr, jnp.zeros(loc2, dtype), ctx2)
     alpha1 = evaluate(expr, jnp.ones(loc1, dtype), ctx1) - beta1
-    alpha2 = evaluate(expr, jnp.ones(loc2, dtype), ctx2) - beta2
+    if one_batch:
+      alpha2, beta2 = alpha1, beta1
+    else:
+      beta2 = evaluate(expr, jnp.zeros(loc2, dtype), ctx2)
+      alpha2 = evaluate(expr, jnp.ones(loc2, dtype), ctx2) - beta2
 
     def second(arr, sa, sb, ma, mb, pair):
       (aa, ab), (ba, bb), (mma, mmb) = (pair_broadcast(sa[0], sb[0], d, full, pair),
@@ -402,14 +414,14 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
     # Decided from the structure, not the values (which are traced under jit):
     # a zero-mean Gaussian stays zero-mean under a linear map, keeping closed forms.
     has_mean = root.mean1 is not None or not is_linear(expr)
+    var1 = second(root.var1, s1, s1, m1, m1, False)
+    mean1 = alpha1 * m1 + beta1 if has_mean else None
     out = dataclasses.replace(
         root,
         nngp=second(root.nngp, s1, s2, m1, m2, True),
         ntk=grad(root.ntk, alpha1, alpha2, True),
-        var1=second(root.var1, s1, s1, m1, m1, False),
-        var2=second(root.var2, s2, s2, m2, m2, False),
-        mean1=alpha1 * m1 + beta1 if has_mean else None,
-        mean2=alpha2 * m2 + beta2 if has_mean else None,
+        var1=var1, var2=var1 if one_batch else second(root.var2, s2, s2, m2, m2, False),
+        mean1=mean1, mean2=mean1 if one_batch else alpha2 * m2 + beta2 if has_mean else None,
         gathered_from=None, law=None)
     if root.gaussian or not pairlaw.known(root):
       return out
@@ -444,7 +456,7 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
                        same_batch)
 
   v1 = diag_of(root.var1, d, full) - m1 * m1
-  v2 = diag_of(root.var2, d, full) - m2 * m2
+  v2 = v1 if one_batch else diag_of(root.var2, d, full) - m2 * m2
 
   if not ctx:
     _check_defined(expr, dtype)
@@ -485,17 +497,18 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
   s11 = _ctx_pair(ctx11, d, full, False) if ctx else _Sides((), ())
   s22 = _ctx_pair(ctx22, d, full, False) if ctx else _Sides((), ())
   var1, _ = moments(root.var1, s11.a, s11.b, v1, v1, m1, m1, False)
-  var2, _ = moments(root.var2, s22.a, s22.b, v2, v2, m2, m2, False)
+  var2 = var1 if one_batch else moments(root.var2, s22.a, s22.b, v2, v2, m2, m2, False)[0]
 
   def mean(va, ma, cvals):
     if form is not None:
       return ex.affine_mean(form, va)
     return _expectation(expr, kinks, cvals, va, ma, points)
 
+  mean1 = mean(v1, m1, ctx1)
   out = dataclasses.replace(
       root, nngp=nngp, ntk=dk * root.ntk, var1=var1, var2=var2,
-      mean1=mean(v1, m1, ctx1), mean2=mean(v2, m2, ctx2), gaussian=False, gathered_from=None,
-      law=None)
+      mean1=mean1, mean2=mean1 if one_batch else mean(v2, m2, ctx2), gaussian=False,
+      gathered_from=None, law=None)
   if ctx:
     return out  # pair laws are carried for location-independent phi only
   f, gs = _law_side(expr)
@@ -545,10 +558,13 @@ def _closed_form(expr, kinks, dtype):
     key = (key, jnp.dtype(dtype).name)
     if key in _CLOSED_FORMS:
       return _CLOSED_FORMS[key]
-  form = None
-  gs = [lambda t, g=g: evaluate(g, t, ()) for g, _ in kinks]
-  if ex.kinks_only_at_zero(gs, dtype):
-    form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
+  # Positively homogeneous phi (relu, leaky_relu, abs) are read off the structure, with
+  # no probes to compile (see `homogeneous`); others are fitted on probe points.
+  form = homogeneous.relu_pair_form(expr, dtype)
+  if form is None:
+    gs = [lambda t, g=g: evaluate(g, t, ()) for g, _ in kinks]
+    if ex.kinks_only_at_zero(gs, dtype):
+      form = ex.recognize(lambda t: evaluate(expr, t, ()), dtype)
   if key is not None and len(_CLOSED_FORMS) < 1024:
     _CLOSED_FORMS[key] = form
   return form
@@ -598,6 +614,8 @@ class UndefinedPhiError(InfiniteWidthError):
 def _check_defined(expr, dtype):
   """Raises `UndefinedPhiError` if the location-free phi is NaN somewhere on the line
   (memoized by phi's structure, like closed-form recognition)."""
+  if homogeneous.is_homogeneous(expr):
+    return  # built from steps finite on finite inputs (see `homogeneous`)
   key = _structure(expr)
   if key is not None:
     key = (key, jnp.dtype(dtype).name)

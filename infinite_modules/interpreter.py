@@ -171,6 +171,13 @@ def run_jaxpr(interp: Interpreter, j1, j2, jp, consts1, consts2, invals, prefix:
     env[v] = Concrete(c1, c2, None)
   for v, x in zip(j1.invars, invals):
     env[v] = x
+  if not len(j1.eqns) == len(j2.eqns) == len(jp.eqns):
+    raise unsupported(
+        "trace", prefix, "the model's jaxpr changes with the batch size "
+        f"({len(j1.eqns)}, {len(j2.eqns)} and {len(jp.eqns)} equations in the traces of the "
+        "first batch, the second batch and a probe batch), so their steps cannot be matched.",
+        "Make the model's operations independent of the batch size (no Python branches on "
+        "x.shape[0], no squeeze of the batch axis).")
   for e1, e2, ep in zip(j1.eqns, j2.eqns, jp.eqns):
     eqn = Eqn(e1, e2, ep, prefix)
     invals_e = [read(v) for v in e1.invars]
@@ -236,7 +243,10 @@ def evaluate_concrete(eqn: Eqn, invals) -> list:
   # their values can be checked.
   with jax.ensure_compile_time_eval() if constant else contextlib.nullcontext():
     outs1 = _bind(eqn.e1, [v.v1 for v in invals])
-    if in_batch or batch_out:
+    # x2=None: the second batch is the first one (one trace, the same input arrays),
+    # so its values are the first batch's, computed once.
+    same = eqn.e2 is eqn.e1 and all(v.v2 is v.v1 for v in invals)
+    if (in_batch or batch_out) and not same:
       outs2 = _bind(eqn.e2, [v.v2 for v in invals])
     else:
       outs2 = outs1

@@ -42,6 +42,16 @@ class Traceable:
   paths: PyTree
 
 
+def _abstract(rng):
+  """The init key as an abstract value (shape-only init): the default key, PRNGKey(0),
+  is not computed (its seeding is a compiled program of its own)."""
+  return jax.eval_shape(jax.random.PRNGKey, 0) if rng is None else rng
+
+
+def _concrete(rng):
+  return jax.random.PRNGKey(0) if rng is None else rng
+
+
 def _path_name(path) -> str:
   parts = []
   for key in path:
@@ -127,9 +137,9 @@ def _from_linen(model, x_example, priors, apply_kwargs, rng) -> Traceable:
       # Only the params' shapes are needed (their priors come from the initializers),
       # so nothing is computed unless other collections (BatchNorm statistics) need
       # values; those come from one compiled program, not each initializer on its own.
-      variables = jax.eval_shape(init, rng, x_example)
+      variables = jax.eval_shape(init, _abstract(rng), x_example)
       if any(name != "params" for name in variables):
-        variables = jax.jit(init)(rng, x_example)
+        variables = jax.jit(init)(_concrete(rng), x_example)
   except NameError as e:
     _raise_named_axis(e)
     raise
@@ -220,9 +230,16 @@ def _from_haiku(transformed, x_example, priors, apply_kwargs, rng, given_state=N
       if given_state is not None:
         # Evaluation BatchNorms read averages that init cannot create: create
         # placeholders so init runs; the state applied is `given_state`.
-        params, state, _ = init_creating_eval_averages(transformed, rng, x_example, apply_kwargs)
+        params, state, _ = init_creating_eval_averages(transformed, _concrete(rng), x_example,
+                                                       apply_kwargs)
       else:
-        initialized = transformed.init(rng, x_example, **apply_kwargs)
+        init = lambda r, x: transformed.init(r, x, **apply_kwargs)
+        # As for Flax: the params' shapes suffice (their priors come from the
+        # initializers); a state is applied with its values, from one compiled program
+        # (run op by op, init compiles every primitive on its own).
+        initialized = jax.eval_shape(init, _abstract(rng), x_example)
+        if with_state and jax.tree_util.tree_leaves(initialized[1]):
+          initialized = jax.jit(init)(_concrete(rng), x_example)
         params, state = initialized if with_state else (initialized, None)
   except TypeError as e:
     _raise_bad_apply_kwargs(e, apply_kwargs)
@@ -302,13 +319,14 @@ def _haiku_rng_error(error: Exception) -> InfiniteWidthError:
 def _haiku_apply_takes_rng(transformed, params, state, x, apply_kwargs) -> bool:
   from haiku._src import base as hk_base
   lead = (params, state) if state is not None else (params,)
+  # The params (shapes only, see `_from_haiku`) are arguments, not closed over.
   try:
-    jax.eval_shape(lambda: transformed.apply(*lead, None, x, **apply_kwargs))
+    jax.eval_shape(lambda lead: transformed.apply(*lead, None, x, **apply_kwargs), lead)
     return True
   except hk_base.MissingRNGError as e:
     raise _haiku_rng_error(e) from e
   except TypeError:
-    jax.eval_shape(lambda: transformed.apply(*lead, x, **apply_kwargs))
+    jax.eval_shape(lambda lead: transformed.apply(*lead, x, **apply_kwargs), lead)
     return False
 
 
@@ -422,7 +440,6 @@ def as_traceable(model, x_example, *, priors=None, apply_kwargs: Mapping[str, An
     rng: key used to initialize the model (the kernel does not depend on it).
   """
   apply_kwargs = dict(apply_kwargs or {})
-  rng = jax.random.PRNGKey(0) if rng is None else rng
   try:
     import flax.linen as nn
     if isinstance(model, nn.Module):

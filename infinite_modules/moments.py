@@ -26,6 +26,17 @@ def spatial_axes(lead: int, d: int, full: bool, k: int) -> tuple[int, ...]:
   return (lead + k, lead + d + k) if full else (lead + k,)
 
 
+def per_side(fn, side1, side2):
+  """(fn(side1), fn(side2)), computed once when both sides are one array.
+
+  With x2=None both batches are the same, and the rules that see it pass the first
+  side's array as the second (`linear._input_moments`): keeping them one array keeps
+  each later step from tracing, lowering and compiling the same work twice.
+  """
+  out1 = fn(side1)
+  return out1, out1 if side2 is side1 else fn(side2)
+
+
 def map_arrays(root: Root, full: bool, second, mean=None, **changes) -> Root:
   """Applies `second(arr, lead)` to the second moments and `mean(arr)` to means.
 
@@ -34,13 +45,12 @@ def map_arrays(root: Root, full: bool, second, mean=None, **changes) -> Root:
   that XLA would constant-fold at compile time.
   """
   mean = mean or (lambda a: a)
+  var1, var2 = per_side(lambda v: second(v, 1), root.var1, root.var2)
+  mean1, mean2 = per_side(lambda m: None if m is None else mean(m), root.mean1, root.mean2)
   return dataclasses.replace(
       root,
       nngp=second(root.nngp, 2), ntk=None if root.ntk is None else second(root.ntk, 2),
-      var1=second(root.var1, 1), var2=second(root.var2, 1),
-      mean1=None if root.mean1 is None else mean(root.mean1),
-      mean2=None if root.mean2 is None else mean(root.mean2),
-      gathered_from=None, **changes)
+      var1=var1, var2=var2, mean1=mean1, mean2=mean2, gathered_from=None, **changes)
 
 
 def _take(arr, axis, index):

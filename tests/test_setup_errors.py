@@ -145,9 +145,11 @@ def test_zero_variance_readout_warns():
     h = jax.nn.relu(hk.Linear(8)(x))
     return hk.Linear(1, w_init=hk.initializers.Constant(0.0), name="logits")(h)
 
-  kf = im.kernel_fn(hk.without_apply_rng(hk.transform(f)), X)
+  # Warned where the model is interpreted: at construction (whose pass is also the
+  # program of the call below, at the example's shape).
   with pytest.warns(UserWarning, match="logits/w.*zero-variance") as record:
-    k = kf(X)
+    kf = im.kernel_fn(hk.without_apply_rng(hk.transform(f)), X)
+  k = kf(X)
   assert "priors=" in str(record[0].message)
   assert np.all(np.asarray(k.nngp) == 0)
 

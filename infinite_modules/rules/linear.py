@@ -149,8 +149,8 @@ def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spa
   ntk = grad * width * root_in.nngp
   if root_in.ntk is not None:  # None: an input's moments (no parameter before them)
     ntk = factor * root_in.ntk + ntk
-  return _new_root(factor * root_in.nngp, ntk,
-                   factor * root_in.var1, factor * root_in.var2, spatial, channels,
+  var1, var2 = mo.per_side(lambda v: factor * v, root_in.var1, root_in.var2)
+  return _new_root(factor * root_in.nngp, ntk, var1, var2, spatial, channels,
                    root_in.random_moments)
 
 

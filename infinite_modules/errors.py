@@ -37,4 +37,5 @@ NOT_GAUSSIAN_WHY = (
     "whose kernel depends on more than its covariance.")
 NOT_GAUSSIAN_HINT = (
     "Apply a linear layer (Dense/Conv) before the nonlinearity, or use "
-    "`interop.monte_carlo_kernel_fn`.")
+    "`interop.monte_carlo_kernel_fn` (for a non-Gaussian bias of a first Dense layer with "
+    "a small fan-in: `im.kernel_fn(..., input_layer=\"exact\")`).")

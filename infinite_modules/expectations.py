@@ -583,8 +583,9 @@ def _sorted_rule(breaks, dtype):
   edges = PIECE_EDGES[_bits(dtype)]
   lim = edges[-1]
   breaks = jnp.where(jnp.isfinite(breaks), jnp.clip(breaks, -lim, lim), lim)
-  fixed = jnp.broadcast_to(jnp.asarray(edges, dtype), breaks.shape[:-1] + (len(edges),))
-  merged = jnp.sort(jnp.concatenate([fixed, breaks.astype(dtype)], axis=-1), axis=-1)
+  merged = breaks.astype(dtype)
+  for edge in edges:
+    merged = _insert(merged, jnp.full(merged.shape[:-1] + (1,), edge, dtype))
   return _gaussian_legendre(merged, SMOOTH_POINTS[_bits(dtype)], dtype)
 
 
@@ -602,7 +603,7 @@ def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
   ma, mb, sa, slope, resid = (bcast(t) for t in (ma, mb, sa, slope, resid))
   at = jnp.broadcast_to(jnp.asarray(SMOOTH_BREAKS, dtype), shape + (len(SMOOTH_BREAKS),))
   breaks = jnp.concatenate([_standardize(at, ma, sa), _standardize(at, mb, slope)], axis=-1)
-  xs, wxs = _sorted_rule(breaks, dtype)
+  xs, wxs = standard_normal_rule(breaks, dtype, points=SMOOTH_POINTS[_bits(dtype)])
 
   def one_outer(total, node):
     x, wx = node

@@ -552,17 +552,24 @@ def expectation(f: Callable, v, m, points: int | None = QUADRATURE_POINTS):
 # d shrinks like 1 / sd: 48 points are 4e-6 off for tanh at variance 1 and
 # 1e-2 at variance 4 (tests/test_quadrature_accuracy.py). These functions
 # vary fastest within a few units of u = 0 and tend to polynomials (constants,
-# lines) far from it; so the line is cut at the fixed Gaussian panel edges
-# (in standard deviations) and at u = 0, +-1, +-3, +-9, +-27 (in phi's own
-# units, growing like the distance over which phi approaches a polynomial),
-# and each piece integrated with Gauss-Legendre. Measured against float64
-# references over variances 1e-4..1e2, means 0..2 and correlations -1..1:
-# <= 1e-10 relative (of sqrt(E phi(u)^2 E phi(v)^2)) in float64 with 12 points
-# per piece (worst 7e-11), and ~1e-6 in float32 with 8 (worst 1.6e-6; float32
-# rounding of the sums is of the same order). A phi whose fast variation lies far from 0 (|u| >> 10,
-# e.g. tanh(u - 50)) gets wider pieces there and less accuracy.
-SMOOTH_BREAKS = (-27.0, -9.0, -3.0, -1.0, 0.0, 1.0, 3.0, 9.0, 27.0)
-SMOOTH_POINTS = {32: 8, 64: 12}
+# lines) far from it; so the line is cut at fixed Gaussian panel edges (in
+# standard deviations, `SMOOTH_EDGES`) and at u = 0, +-1, +-3, +-9 (in phi's own
+# units, growing like the distance over which phi approaches a polynomial;
+# a break at +-27 changed no error by more than rounding), and each piece is
+# integrated with Gauss-Legendre. Where phi is nearly polynomial over +-9 std
+# (small variances) the Gaussian panels alone limit the accuracy, so their
+# width, not the number of phi breaks, sets the points per piece. Measured
+# against float64 references over variances 1e-4..1e2, means 0..2 and
+# correlations -1..1: <= 1e-10 relative (of sqrt(E phi(u)^2 E phi(v)^2)) in
+# float64 with 12 points per piece (worst 6e-11), and ~1e-6 in float32 with 7
+# (worst 1.7e-6; float32 rounding of the sums is of the same order; the
+# Gaussian mass beyond 6 std, 2e-9, is below float32's resolution). Points per
+# piece are at the edge: 11 (float64) / 6 (float32) miss the target by 4x / 3x.
+# A phi whose fast variation lies far from 0 (|u| >> 10, e.g. tanh(u - 50))
+# gets wider pieces there and less accuracy.
+SMOOTH_BREAKS = (-9.0, -3.0, -1.0, 0.0, 1.0, 3.0, 9.0)
+SMOOTH_EDGES = {32: (-6.0, -2.0, 0.0, 2.0, 6.0), 64: (-8.0, -2.5, 0.0, 2.5, 8.0)}
+SMOOTH_POINTS = {32: 7, 64: 12}
 
 
 def smooth_rule(m, s, dtype):
@@ -577,10 +584,11 @@ def smooth_rule(m, s, dtype):
 
 
 def _sorted_rule(breaks, dtype):
-  """`standard_normal_rule` for breaks that are sorted along the last axis (or +inf):
-  edges merged by one sort of a short row, which compiles far faster than inserting
-  each break (the inner rule is rebuilt at every outer node)."""
-  edges = PIECE_EDGES[_bits(dtype)]
+  """`standard_normal_rule` with the `SMOOTH_EDGES` / `SMOOTH_POINTS` of the dtype, for
+  breaks sorted along the last axis (or +inf). The few fixed edges are inserted into
+  the sorted breaks by min/max: the inner rule is rebuilt at every outer node, and a
+  `jnp.sort` of each short row there took most of the time on CPU."""
+  edges = SMOOTH_EDGES[_bits(dtype)]
   lim = edges[-1]
   breaks = jnp.where(jnp.isfinite(breaks), jnp.clip(breaks, -lim, lim), lim)
   merged = breaks.astype(dtype)
@@ -603,7 +611,8 @@ def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
   ma, mb, sa, slope, resid = (bcast(t) for t in (ma, mb, sa, slope, resid))
   at = jnp.broadcast_to(jnp.asarray(SMOOTH_BREAKS, dtype), shape + (len(SMOOTH_BREAKS),))
   breaks = jnp.concatenate([_standardize(at, ma, sa), _standardize(at, mb, slope)], axis=-1)
-  xs, wxs = standard_normal_rule(breaks, dtype, points=SMOOTH_POINTS[_bits(dtype)])
+  xs, wxs = standard_normal_rule(breaks, dtype, SMOOTH_EDGES[_bits(dtype)],
+                                 SMOOTH_POINTS[_bits(dtype)])
 
   def one_outer(total, node):
     x, wx = node

@@ -575,26 +575,54 @@ SMOOTH_POINTS = {32: 7, 64: 12}
 def smooth_rule(m, s, dtype):
   """Nodes and weights (shape `m.shape + (N,)`) for E[g(xi)], xi ~ N(0, 1), where
   g(xi) = f(m + s xi) and f is smooth with its fast variation near f's origin:
-  `standard_normal_rule` cut additionally at f's `SMOOTH_BREAKS`."""
+  Gauss-Legendre with `SMOOTH_POINTS` per piece between the `SMOOTH_EDGES` and f's
+  `SMOOTH_BREAKS` (standardized)."""
   m, s = jnp.asarray(m, dtype), jnp.asarray(s, dtype)
   shape = jnp.broadcast_shapes(m.shape, s.shape)
-  at = jnp.broadcast_to(jnp.asarray(SMOOTH_BREAKS, dtype), shape + (len(SMOOTH_BREAKS),))
-  breaks = _standardize(at, jnp.broadcast_to(m, shape), jnp.broadcast_to(s, shape))
-  return _sorted_rule(breaks, dtype)
+  pieces = _smooth_pieces(jnp.broadcast_to(m, shape), jnp.broadcast_to(s, shape), dtype)
+  return tuple(jnp.concatenate(t, axis=-1) for t in zip(*pieces))
 
 
-def _sorted_rule(breaks, dtype):
-  """`standard_normal_rule` with the `SMOOTH_EDGES` / `SMOOTH_POINTS` of the dtype, for
-  breaks sorted along the last axis (or +inf). The few fixed edges are inserted into
-  the sorted breaks by min/max: the inner rule is rebuilt at every outer node, and a
-  `jnp.sort` of each short row there took most of the time on CPU."""
+def _smooth_pieces(m, s, dtype):
+  """`smooth_rule` as a list of (nodes, weights), one pair (shape `m.shape + (q,)`) per
+  piece: elementwise arithmetic only, so XLA fuses it with the integrand. The inner
+  rule is rebuilt at every outer node, where a `jnp.sort` or a concatenation of each
+  short row took most of the time on CPU."""
   edges = SMOOTH_EDGES[_bits(dtype)]
   lim = edges[-1]
-  breaks = jnp.where(jnp.isfinite(breaks), jnp.clip(breaks, -lim, lim), lim)
-  merged = breaks.astype(dtype)
-  for edge in edges:
-    merged = _insert(merged, jnp.full(merged.shape[:-1] + (1,), edge, dtype))
-  return _gaussian_legendre(merged, SMOOTH_POINTS[_bits(dtype)], dtype)
+  safe = jnp.where(s > 0, s, 1.0)
+  # phi's breaks in standard deviations, ascending (s > 0); all at +lim where s = 0.
+  breaks = [jnp.where(s > 0, jnp.clip((b - m) / safe, -lim, lim), lim) for b in SMOOTH_BREAKS]
+  return [_gaussian_legendre_piece(lo, hi, SMOOTH_POINTS[_bits(dtype)], dtype)
+          for lo, hi in zip(*(lambda e: (e[:-1], e[1:]))(_merge_sorted(edges, breaks)))]
+
+
+def _merge_sorted(constants, arrays):
+  """The sorted union of ascending `constants` (floats) and ascending `arrays` (a list
+  of equally shaped arrays), as a list of arrays: the k-th smallest of two sorted lists
+  a, b is min over i of max(a[i-1], b[k-i]) (i elements taken from a)."""
+  n, m = len(constants), len(arrays)
+  merged = []
+  for k in range(n + m):
+    best = None
+    for i in range(max(0, k + 1 - m), min(k + 1, n) + 1):
+      j = k - i                                  # take i constants and k + 1 - i arrays
+      a = constants[i - 1] if i > 0 else None
+      b = arrays[j] if j >= 0 else None
+      both = b if a is None else (jnp.maximum(b, a) if b is not None else a)
+      best = both if best is None else jnp.minimum(best, both)
+    merged.append(best)
+  return merged
+
+
+def _gaussian_legendre_piece(lo, hi, points: int, dtype):
+  """Gauss-Legendre nodes and weights (shape `lo.shape + (points,)`) on [lo, hi] with
+  the standard normal density folded into the weights."""
+  g, w = (jnp.asarray(t, dtype) for t in _legendre(points))
+  lo, hi = jnp.asarray(lo, dtype)[..., None], jnp.asarray(hi, dtype)[..., None]
+  half = (hi - lo) / 2
+  x = lo + half * (g + 1)
+  return x, half * w * jnp.exp(-x * x / 2) / math.sqrt(2 * math.pi)
 
 
 def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
@@ -618,8 +646,9 @@ def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
     x, wx = node
     u = (ma + sa * x)[..., None]
     centre = mb + slope * x
-    ys, wys = smooth_rule(centre, resid, dtype)
-    inner = jnp.sum(fb(centre[..., None] + resid[..., None] * ys) * wys, axis=-1)
+    inner = 0.0
+    for ys, wys in _smooth_pieces(centre, resid, dtype):
+      inner = inner + jnp.sum(fb(centre[..., None] + resid[..., None] * ys) * wys, axis=-1)
     return total + wx * fa(u)[..., 0] * inner, None
 
   total, _ = jax.lax.scan(one_outer, jnp.zeros(shape, dtype),

@@ -585,9 +585,9 @@ def smooth_rule(m, s, dtype):
 
 def _smooth_pieces(m, s, dtype):
   """`smooth_rule` as a list of (nodes, weights), one pair (shape `m.shape + (q,)`) per
-  piece: elementwise arithmetic only, so XLA fuses it with the integrand. The inner
-  rule is rebuilt at every outer node, where a `jnp.sort` or a concatenation of each
-  short row took most of the time on CPU."""
+  piece: elementwise arithmetic only (the edges by `_merge_sorted`). The inner rule
+  is rebuilt at every outer node, where a `jnp.sort` of each short row, or inserting
+  the edges one by one with concatenations, took most of the time on CPU."""
   edges = SMOOTH_EDGES[_bits(dtype)]
   lim = edges[-1]
   safe = jnp.where(s > 0, s, 1.0)
@@ -646,9 +646,8 @@ def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
     x, wx = node
     u = (ma + sa * x)[..., None]
     centre = mb + slope * x
-    inner = 0.0
-    for ys, wys in _smooth_pieces(centre, resid, dtype):
-      inner = inner + jnp.sum(fb(centre[..., None] + resid[..., None] * ys) * wys, axis=-1)
+    ys, wys = smooth_rule(centre, resid, dtype)
+    inner = jnp.sum(fb(centre[..., None] + resid[..., None] * ys) * wys, axis=-1)
     return total + wx * fa(u)[..., 0] * inner, None
 
   total, _ = jax.lax.scan(one_outer, jnp.zeros(shape, dtype),

@@ -19,6 +19,7 @@ phi with kinks or jumps piecewise Gauss-Legendre split at their breakpoints.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 
@@ -593,8 +594,9 @@ def _smooth_pieces(m, s, dtype):
   safe = jnp.where(s > 0, s, 1.0)
   # phi's breaks in standard deviations, ascending (s > 0); all at +lim where s = 0.
   breaks = [jnp.where(s > 0, jnp.clip((b - m) / safe, -lim, lim), lim) for b in SMOOTH_BREAKS]
+  merged = _merge_sorted(edges, breaks)
   return [_gaussian_legendre_piece(lo, hi, SMOOTH_POINTS[_bits(dtype)], dtype)
-          for lo, hi in zip(*(lambda e: (e[:-1], e[1:]))(_merge_sorted(edges, breaks)))]
+          for lo, hi in itertools.pairwise(merged)]
 
 
 def _merge_sorted(constants, arrays):

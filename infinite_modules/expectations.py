@@ -19,6 +19,7 @@ phi with kinks or jumps piecewise Gauss-Legendre split at their breakpoints.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 
@@ -555,40 +556,78 @@ def expectation(f: Callable, v, m, points: int | None = QUADRATURE_POINTS):
 # d shrinks like 1 / sd: 48 points are 4e-6 off for tanh at variance 1 and
 # 1e-2 at variance 4 (tests/test_quadrature_accuracy.py). These functions
 # vary fastest within a few units of u = 0 and tend to polynomials (constants,
-# lines) far from it; so the line is cut at the fixed Gaussian panel edges
-# (in standard deviations) and at u = 0, +-1, +-3, +-9, +-27 (in phi's own
-# units, growing like the distance over which phi approaches a polynomial),
-# and each piece integrated with Gauss-Legendre. Measured against float64
-# references over variances 1e-4..1e2, means 0..2 and correlations -1..1:
-# <= 1e-10 relative (of sqrt(E phi(u)^2 E phi(v)^2)) in float64 with 12 points
-# per piece (worst 7e-11), and ~1e-6 in float32 with 8 (worst 1.6e-6; float32
-# rounding of the sums is of the same order). A phi whose fast variation lies far from 0 (|u| >> 10,
-# e.g. tanh(u - 50)) gets wider pieces there and less accuracy.
-SMOOTH_BREAKS = (-27.0, -9.0, -3.0, -1.0, 0.0, 1.0, 3.0, 9.0, 27.0)
-SMOOTH_POINTS = {32: 8, 64: 12}
+# lines) far from it; so the line is cut at fixed Gaussian panel edges (in
+# standard deviations, `SMOOTH_EDGES`) and at u = 0, +-1, +-3, +-9 (in phi's own
+# units, growing like the distance over which phi approaches a polynomial;
+# a break at +-27 changed no error by more than rounding), and each piece is
+# integrated with Gauss-Legendre. Where phi is nearly polynomial over +-9 std
+# (small variances) the Gaussian panels alone limit the accuracy, so their
+# width, not the number of phi breaks, sets the points per piece. Measured
+# against float64 references over variances 1e-4..1e2, means 0..2 and
+# correlations -1..1: <= 1e-10 relative (of sqrt(E phi(u)^2 E phi(v)^2)) in
+# float64 with 12 points per piece (worst 6e-11), and ~1e-6 in float32 with 7
+# (worst 1.7e-6; float32 rounding of the sums is of the same order; the
+# Gaussian mass beyond 6 std, 2e-9, is below float32's resolution). Points per
+# piece are at the edge: 11 (float64) / 6 (float32) miss the target by 4x / 3x.
+# A phi whose fast variation lies far from 0 (|u| >> 10, e.g. tanh(u - 50))
+# gets wider pieces there and less accuracy.
+SMOOTH_BREAKS = (-9.0, -3.0, -1.0, 0.0, 1.0, 3.0, 9.0)
+SMOOTH_EDGES = {32: (-6.0, -2.0, 0.0, 2.0, 6.0), 64: (-8.0, -2.5, 0.0, 2.5, 8.0)}
+SMOOTH_POINTS = {32: 7, 64: 12}
 
 
 def smooth_rule(m, s, dtype):
   """Nodes and weights (shape `m.shape + (N,)`) for E[g(xi)], xi ~ N(0, 1), where
   g(xi) = f(m + s xi) and f is smooth with its fast variation near f's origin:
-  `standard_normal_rule` cut additionally at f's `SMOOTH_BREAKS`."""
+  Gauss-Legendre with `SMOOTH_POINTS` per piece between the `SMOOTH_EDGES` and f's
+  `SMOOTH_BREAKS` (standardized)."""
   m, s = jnp.asarray(m, dtype), jnp.asarray(s, dtype)
   shape = jnp.broadcast_shapes(m.shape, s.shape)
-  at = jnp.broadcast_to(jnp.asarray(SMOOTH_BREAKS, dtype), shape + (len(SMOOTH_BREAKS),))
-  breaks = _standardize(at, jnp.broadcast_to(m, shape), jnp.broadcast_to(s, shape))
-  return _sorted_rule(breaks, dtype)
+  pieces = _smooth_pieces(jnp.broadcast_to(m, shape), jnp.broadcast_to(s, shape), dtype)
+  return tuple(jnp.concatenate(t, axis=-1) for t in zip(*pieces))
 
 
-def _sorted_rule(breaks, dtype):
-  """`standard_normal_rule` for breaks that are sorted along the last axis (or +inf):
-  edges merged by one sort of a short row, which compiles far faster than inserting
-  each break (the inner rule is rebuilt at every outer node)."""
-  edges = PIECE_EDGES[_bits(dtype)]
+def _smooth_pieces(m, s, dtype):
+  """`smooth_rule` as a list of (nodes, weights), one pair (shape `m.shape + (q,)`) per
+  piece: elementwise arithmetic only (the edges by `_merge_sorted`). The inner rule
+  is rebuilt at every outer node, where a `jnp.sort` of each short row, or inserting
+  the edges one by one with concatenations, took most of the time on CPU."""
+  edges = SMOOTH_EDGES[_bits(dtype)]
   lim = edges[-1]
-  breaks = jnp.where(jnp.isfinite(breaks), jnp.clip(breaks, -lim, lim), lim)
-  fixed = jnp.broadcast_to(jnp.asarray(edges, dtype), breaks.shape[:-1] + (len(edges),))
-  merged = jnp.sort(jnp.concatenate([fixed, breaks.astype(dtype)], axis=-1), axis=-1)
-  return _gaussian_legendre(merged, SMOOTH_POINTS[_bits(dtype)], dtype)
+  safe = jnp.where(s > 0, s, 1.0)
+  # phi's breaks in standard deviations, ascending (s > 0); all at +lim where s = 0.
+  breaks = [jnp.where(s > 0, jnp.clip((b - m) / safe, -lim, lim), lim) for b in SMOOTH_BREAKS]
+  merged = _merge_sorted(edges, breaks)
+  return [_gaussian_legendre_piece(lo, hi, SMOOTH_POINTS[_bits(dtype)], dtype)
+          for lo, hi in itertools.pairwise(merged)]
+
+
+def _merge_sorted(constants, arrays):
+  """The sorted union of ascending `constants` (floats) and ascending `arrays` (a list
+  of equally shaped arrays), as a list of arrays: the k-th smallest of two sorted lists
+  a, b is min over i of max(a[i-1], b[k-i]) (i elements taken from a)."""
+  n, m = len(constants), len(arrays)
+  merged = []
+  for k in range(n + m):
+    best = None
+    for i in range(max(0, k + 1 - m), min(k + 1, n) + 1):
+      j = k - i                                  # take i constants and k + 1 - i arrays
+      a = constants[i - 1] if i > 0 else None
+      b = arrays[j] if j >= 0 else None
+      both = b if a is None else (jnp.maximum(b, a) if b is not None else a)
+      best = both if best is None else jnp.minimum(best, both)
+    merged.append(best)
+  return merged
+
+
+def _gaussian_legendre_piece(lo, hi, points: int, dtype):
+  """Gauss-Legendre nodes and weights (shape `lo.shape + (points,)`) on [lo, hi] with
+  the standard normal density folded into the weights."""
+  g, w = (jnp.asarray(t, dtype) for t in _legendre(points))
+  lo, hi = jnp.asarray(lo, dtype)[..., None], jnp.asarray(hi, dtype)[..., None]
+  half = (hi - lo) / 2
+  x = lo + half * (g + 1)
+  return x, half * w * jnp.exp(-x * x / 2) / math.sqrt(2 * math.pi)
 
 
 def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
@@ -605,7 +644,8 @@ def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
   ma, mb, sa, slope, resid = (bcast(t) for t in (ma, mb, sa, slope, resid))
   at = jnp.broadcast_to(jnp.asarray(SMOOTH_BREAKS, dtype), shape + (len(SMOOTH_BREAKS),))
   breaks = jnp.concatenate([_standardize(at, ma, sa), _standardize(at, mb, slope)], axis=-1)
-  xs, wxs = _sorted_rule(breaks, dtype)
+  xs, wxs = standard_normal_rule(breaks, dtype, SMOOTH_EDGES[_bits(dtype)],
+                                 SMOOTH_POINTS[_bits(dtype)])
 
   def one_outer(total, node):
     x, wx = node

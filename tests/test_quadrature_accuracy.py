@@ -67,3 +67,28 @@ def test_smooth_expectation_meets_stated_accuracy(dtype):
         ours = ex.expectation(phi, jnp.asarray(variances, dtype), jnp.asarray(mean, dtype))
       err = np.abs(np.asarray(ours, np.float64) - ref) / scale
       assert err.max() <= TOLERANCE[dtype], (name, mean, err.max())
+
+
+def test_merge_sorted_is_the_sorted_union():
+  """The sort-free merge that builds the inner rule's edges (ties and +-inf included)."""
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    constants = sorted(rng.normal(size=rng.integers(1, 6)).round(1))
+    arrays = np.sort(rng.normal(size=(rng.integers(1, 8), 5)).round(1), axis=0)
+    arrays[-1, 0] = np.inf
+    merged = ex._merge_sorted(constants, [jnp.asarray(a, jnp.float32) for a in arrays])
+    ours = np.stack([np.broadcast_to(np.asarray(t, np.float32), (5,)) for t in merged])
+    union = np.concatenate([np.repeat(np.asarray(constants)[:, None], 5, axis=1), arrays])
+    np.testing.assert_array_equal(ours, np.sort(union, axis=0).astype(np.float32))
+
+
+def test_smooth_rule_gradients_are_finite():
+  """Gradients w.r.t. the moments, also at correlation +-1 (the inner variance is 0)."""
+  with jax.enable_x64():
+    def kappa(va, vb, rho):
+      c = rho * jnp.sqrt(va * vb)
+      return ex.pair_expectation(jnp.tanh, jnp.tanh, c, va, vb, 0.3, -0.2)
+    grad = jax.jit(jax.grad(kappa, argnums=(0, 1)))
+    for rho in (-1.0, 0.3, 1.0):
+      grads = grad(1.5, 1.5, rho)
+      assert np.all(np.isfinite(grads)), (rho, grads)

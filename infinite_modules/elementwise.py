@@ -482,8 +482,8 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
       dkappa = ex.pair_expectation_piecewise(dfa, dfb, cov, va_b, vb_b, ma_b, mb_b, breaks_a,
                                              breaks_b)
     else:
-      kappa = ex.pair_expectation(fa, fb, cov, va_b, vb_b, ma_b, mb_b, points)
-      dkappa = ex.pair_expectation(dfa, dfb, cov, va_b, vb_b, ma_b, mb_b, points)
+      kappa, dkappa = ex.pair_expectations(((fa, fb), (dfa, dfb)), cov, va_b, vb_b, ma_b,
+                                           mb_b, points)
     return kappa, dkappa
 
   pair_sides = _ctx_pair(ctx, d, full, True) if ctx else _Sides((), ())

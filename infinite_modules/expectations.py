@@ -339,26 +339,38 @@ def pair_expectation(fa: Callable, fb: Callable, c, va, vb, ma, mb,
   `points=None` integrates x and y with `smooth_rule` (stated accuracy, see
   there); an int uses that many Gauss-Hermite points per dimension.
   """
+  (total,) = pair_expectations(((fa, fb),), c, va, vb, ma, mb, points)
+  return total
+
+
+def pair_expectations(pairs, c, va, vb, ma, mb, points: int | None = QUADRATURE_POINTS):
+  """(E[fa(u) fb(v)] for (fa, fb) in pairs) as `pair_expectation`, from one rule.
+
+  The nodes and weights depend only on the moments (and the rule), so the
+  NNGP's E[phi phi] and the NTK's E[phi' phi'] share them: building the rule,
+  not evaluating phi, is most of the smooth rule's cost.
+  """
   if points is None:
-    return pair_expectation_smooth(fa, fb, c, va, vb, ma, mb)
+    return pair_expectations_smooth(pairs, c, va, vb, ma, mb)
   nodes, weights = _hermite(points)
   dtype = jnp.result_type(c, va, vb)
   nodes, weights = jnp.asarray(nodes, dtype), jnp.asarray(weights, dtype)
   sa, slope, resid = _conditional(c, va, vb)
   expand = lambda t: jnp.asarray(t)[..., None]
 
-  def one_outer(total, node):
+  def one_outer(totals, node):
     x, w = node
     u = expand(ma + sa * x)
     v = expand(mb + slope * x) + expand(resid) * nodes
-    inner = jnp.sum(fb(v) * weights, axis=-1)
-    return total + w * fa(u)[..., 0] * inner, None
+    return tuple(total + w * fa(u)[..., 0] * jnp.sum(fb(v) * weights, axis=-1)
+                 for total, (fa, fb) in zip(totals, pairs)), None
 
   shape = jnp.broadcast_shapes(*(jnp.shape(t) for t in (c, va, vb, ma, mb)))
   # A scan over the outer nodes keeps memory at O(batch * q) and the compiled
   # program small (an unrolled loop over q nodes compiles very slowly).
-  total, _ = jax.lax.scan(one_outer, jnp.zeros(shape, dtype), (nodes, weights))
-  return total
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in pairs)
+  totals, _ = jax.lax.scan(one_outer, zeros, (nodes, weights))
+  return totals
 
 
 # --------------------------------------------------------------------------
@@ -630,8 +642,9 @@ def _gaussian_legendre_piece(lo, hi, points: int, dtype):
   return x, half * w * jnp.exp(-x * x / 2) / math.sqrt(2 * math.pi)
 
 
-def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
-  """E[fa(u) fb(v)] as `pair_expectation`, with `smooth_rule` for both variables.
+def pair_expectations_smooth(pairs, c, va, vb, ma, mb):
+  """(E[fa(u) fb(v)] for (fa, fb) in pairs) as `pair_expectations`, with `smooth_rule`
+  for both variables.
 
   Outer variable x (u = ma + sa x): cut where u or the inner mean
   mb + slope x crosses a smooth break, since E[fb(v) | x] inherits fb's fast
@@ -647,17 +660,19 @@ def pair_expectation_smooth(fa: Callable, fb: Callable, c, va, vb, ma, mb):
   xs, wxs = standard_normal_rule(breaks, dtype, SMOOTH_EDGES[_bits(dtype)],
                                  SMOOTH_POINTS[_bits(dtype)])
 
-  def one_outer(total, node):
+  def one_outer(totals, node):
     x, wx = node
     u = (ma + sa * x)[..., None]
     centre = mb + slope * x
     ys, wys = smooth_rule(centre, resid, dtype)
-    inner = jnp.sum(fb(centre[..., None] + resid[..., None] * ys) * wys, axis=-1)
-    return total + wx * fa(u)[..., 0] * inner, None
+    v = centre[..., None] + resid[..., None] * ys
+    return tuple(total + wx * fa(u)[..., 0] * jnp.sum(fb(v) * wys, axis=-1)
+                 for total, (fa, fb) in zip(totals, pairs)), None
 
-  total, _ = jax.lax.scan(one_outer, jnp.zeros(shape, dtype),
-                          (jnp.moveaxis(xs, -1, 0), jnp.moveaxis(wxs, -1, 0)))
-  return total
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in pairs)
+  totals, _ = jax.lax.scan(one_outer, zeros,
+                           (jnp.moveaxis(xs, -1, 0), jnp.moveaxis(wxs, -1, 0)))
+  return totals
 
 
 def derivative(f: Callable) -> Callable:

@@ -431,8 +431,7 @@ def _phi_pair(ea, eb, cov, va, vb, ma, mb, points: int):
   fb, breaks_b = ew._side(eb, kb, (), vb, mb)
   dfa, dfb = ex.derivative(fa), ex.derivative(fb)
   if not ka and not kb:
-    return (ex.pair_expectation(fa, fb, cov, va, vb, ma, mb, points),
-            ex.pair_expectation(dfa, dfb, cov, va, vb, ma, mb, points))
+    return ex.pair_expectations(((fa, fb), (dfa, dfb)), cov, va, vb, ma, mb, points)
   none = jnp.full(shape + (0,), jnp.inf, cov.dtype)
   breaks_a = none if breaks_a is None else breaks_a
   breaks_b = none if breaks_b is None else breaks_b

@@ -35,10 +35,19 @@ cost-model inputs for the candidates it compiled, ``auto_pruned`` the candidates
 dropped before compiling. ``--implementations auto`` alone reports the default call's
 time and peak memory without the explicit implementations in the same process. ``--vmap-axes auto``
 times the default call (ours finds the batch axes from the model; NT, which has no such
-mode, gets ``0``). ``--cpu-time`` runs XLA on one thread and reports process CPU time,
-which other jobs on a shared machine disturb far less than wall time (it compares work,
-not parallel speed-up). Each workload reports the batch-independence finding and the
-process's peak RSS so far (``peak_rss_gb``).
+mode, gets ``0``). ``--cpu-time`` turns off XLA's multi-threaded Eigen and reports
+process CPU time (all threads: XLA's thunk executor may still run independent operations
+concurrently on its pool), which other jobs on a shared machine disturb far less than
+wall time (it compares work, not parallel speed-up). Each workload reports the
+batch-independence finding, the process's peak RSS so far (``peak_rss_gb``), each
+compiled implementation's temporary buffer (``temp_bytes``, allocated on every call)
+and, for the fastest call of each implementation, its user and system CPU seconds and
+minor page faults (``cpu_usage_of_fastest_call``). With glibc's default malloc a
+temporary buffer above its mmap threshold (at most 32 MB) is mapped afresh on every
+call and its pages are zeroed by the kernel on first touch (system time);
+``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=2000000000 MALLOC_ARENA_MAX=1``
+in the environment keeps freed memory for reuse and removes that cost for every
+implementation alike.
 
 Side by side with Neural Tangents 0.6.5 (old JAX + TF venv, never a dependency of this
 project): build it with ``../shared/tools/nt_baseline_venv.sh /tmp/ntvenv`` and pass
@@ -112,8 +121,9 @@ def add_common_args(parser):
   parser.add_argument("--implementations", default=",".join(IMPLS + ("auto",)),
                       help="comma-separated subset of " + ",".join(IMPLS + ("auto",)))
   parser.add_argument("--cpu-time", action="store_true",
-                      help="one XLA thread, time = process CPU time (robust to other load "
-                           "on a shared machine; compares work, not parallel speed)")
+                      help="no multi-threaded Eigen in XLA, time = process CPU time (robust "
+                           "to other load on a shared machine; compares work, not parallel "
+                           "speed)")
 
 
 def parse_common_args(args):
@@ -153,7 +163,7 @@ def output_header(library, trace_axes, vmap_axes, repeats):
       "vmap_axes": vmap_axes,
       "repeats": repeats,
       "implementations": list(TIMED),
-      "clock": "process CPU time, 1 XLA thread" if CLOCK is time.process_time else "wall",
+      "clock": "process CPU time, Eigen single-threaded" if CLOCK is time.process_time else "wall",
       "load_average": os.getloadavg(),
   }
 
@@ -170,15 +180,38 @@ def machine_info():
   }
 
 
-def time_fn(fn, args):
-  """Time (:data:`CLOCK`) of one call of ``fn(*args)``, to ``block_until_ready``."""
+def cpu_usage():
+  """``(user seconds, system seconds, minor page faults)`` of this process so far
+  (``getrusage``; zeros where the ``resource`` module is missing)."""
+  try:
+    import resource
+  except ImportError:  # pragma: no cover - not on Unix
+    return 0.0, 0.0, 0
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def time_fn(fn, args, usage=None):
+  """Time (:data:`CLOCK`) of one call of ``fn(*args)``, to ``block_until_ready``.
+
+  With ``usage`` (a dict) the call's user and system CPU seconds and minor page faults
+  are stored there too: system time is mostly the kernel zeroing pages that the call
+  touches for the first time (XLA allocates an executable's temporaries on every call,
+  and glibc maps allocations above its mmap threshold, at most 32 MB, afresh each time).
+  """
   import jax
+  u0 = cpu_usage()
   t0 = CLOCK()
   jax.block_until_ready(fn(*args))
-  return CLOCK() - t0
+  t = CLOCK() - t0
+  if usage is not None:
+    u1 = cpu_usage()
+    usage.update(user_s=u1[0] - u0[0], sys_s=u1[1] - u0[1],
+                 minor_page_faults=u1[2] - u0[2])
+  return t
 
 
-def time_round_robin(fns, args, repeats, calls_per_round_s=1.0):
+def time_round_robin(fns, args, repeats, calls_per_round_s=1.0, usage=None):
   """Minimum wall time per function of ``fns`` (``{name: fn}``), all on ``args``.
 
   Each function is called once to warm up (its time is returned separately: for a
@@ -186,7 +219,8 @@ def time_round_robin(fns, args, repeats, calls_per_round_s=1.0):
   compilation). Then ``repeats`` rounds run every function in turn, so that a load
   change on a shared machine hits all of them alike; within a round a fast function is
   called several times (up to ``calls_per_round_s`` seconds, at most 10 calls).
-  Returns ``(first_call_seconds, min_seconds)``, two dicts.
+  Returns ``(first_call_seconds, min_seconds)``, two dicts; with ``usage`` (a dict) it
+  also stores, per function, the :func:`time_fn` usage of its fastest call there.
   """
   first = {name: time_fn(fn, args) for name, fn in fns.items()}
   per_round = {name: max(1, min(10, int(calls_per_round_s / max(t, 1e-6))))
@@ -195,7 +229,12 @@ def time_round_robin(fns, args, repeats, calls_per_round_s=1.0):
   for _ in range(repeats):
     for name, fn in fns.items():
       for _ in range(per_round[name]):
-        best[name] = min(best[name], time_fn(fn, args))
+        call: dict = {}
+        t = time_fn(fn, args, call)
+        if t < best[name]:
+          best[name] = t
+          if usage is not None:
+            usage[name] = call
   return first, best
 
 
@@ -406,7 +445,10 @@ def run_ours(workloads, trace_axes, vmap_axes, repeats):
     if "auto" in TIMED:
       auto = interop.empirical_ntk_fn(model, trace_axes=trace_axes, vmap_axes=vmap_axes)
       fns["auto"] = auto
-    first, seconds = time_round_robin(fns, (x, None, variables), repeats)
+    temp_bytes = {impl: fn.memory_analysis().temp_size_in_bytes
+                  for impl, fn in fns.items() if hasattr(fn, "memory_analysis")}
+    usage: dict = {}
+    first, seconds = time_round_robin(fns, (x, None, variables), repeats, usage=usage)
     choice = None
     if auto is not None:
       compile_s["auto"] = first["auto"]
@@ -420,6 +462,8 @@ def run_ours(workloads, trace_axes, vmap_axes, repeats):
         "batch": interop.structure_report(model, x, variables,
                                           vmap_axes=vmap_axes)["batch"][0],
         "peak_rss_gb": peak_rss_gb(),
+        "temp_bytes": temp_bytes,
+        "cpu_usage_of_fastest_call": usage,
     }
     if auto is not None:
       results[name]["auto_estimates"] = [

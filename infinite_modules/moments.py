@@ -10,6 +10,7 @@ means have 1 leading axis and always one spatial axis per dim.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax.numpy as jnp
 import numpy as np
@@ -377,17 +378,20 @@ def symmetric_gram(a, blocks: int):
   """a a^T for a of shape (n, k) from the B(B+1)/2 upper block pairs of B = `blocks`
   blocks of rows (B = 1: one matrix product), exactly symmetric.
 
-  The product is the whole cost of an input layer with many features (a 784-feature
+  The product is most of the cost of an input layer with many features (a 784-feature
   MLP input: 2 n^2 k FLOPs against a few per entry for every later layer), and its
   lower blocks are the upper ones transposed: (B + 1) / (2 B) of the FLOPs (62.5% at
-  B = 4), as one batched product, then unfolded (`unfold_upper_blocks`).
+  B = 4). One matrix product per block pair (a batched product of the gathered blocks
+  ran slower than the whole product on CPU), diagonal blocks averaged with their
+  transposes (their triangles may round apart), lower blocks transposed copies.
   """
-  n, k = a.shape
   if blocks <= 1:
-    return mirror(jnp.einsum("az,bz->ab", a, a), 0, False)  # triangles may round apart
-  size = -(-n // blocks)
-  padded = jnp.concatenate([a, jnp.zeros((blocks * size - n, k), a.dtype)])
-  padded = padded.reshape(blocks, size, k)
-  first, second = np.triu_indices(blocks)
-  pairs = jnp.einsum("psz,ptz->pst", padded[first], padded[second])
-  return unfold_upper_blocks(pairs, blocks, n)
+    return mirror(jnp.einsum("az,bz->ab", a, a), 0, False)
+  edges = np.linspace(0, a.shape[0], blocks + 1).round().astype(int)
+  parts = [a[lo:hi] for lo, hi in itertools.pairwise(edges)]
+  upper = {}
+  for i, j in zip(*np.triu_indices(blocks)):
+    block = jnp.einsum("az,bz->ab", parts[i], parts[j])
+    upper[i, j] = mirror(block, 0, False) if i == j else block
+  return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(blocks)]
+                    for i in range(blocks)])

@@ -130,6 +130,32 @@ class ReluMLP(nn.Module):
     return nn.Dense(1, kernel_init=_he(), use_bias=False)(x)
 
 
+class DeepMLP(nn.Module):
+  depth: int
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = nn.relu(nn.Dense(16, kernel_init=_he())(x))
+    return nn.Dense(1, kernel_init=_he())(x)
+
+
+def test_compiled_mlp_grows_linearly_with_depth():
+  """Each Dense + relu layer adds the same compiled instructions. A correlation XLA may
+  fuse into its consumers (c times reciprocal square roots, not a division) let every
+  layer's kernels recompute all layers before it: 348, 494, 620, 746 instructions added
+  by layers 2..5, and compile time quadratic in depth."""
+  import re
+  x = np.random.RandomState(0).randn(6, 8).astype(np.float32)
+  counts = []
+  for depth in (1, 2, 3, 4):
+    kf = im.kernel_fn(DeepMLP(depth), x)
+    text = jax.jit(lambda a, kf=kf: kf(a, None, ("nngp", "ntk"))).lower(x).compile().as_text()
+    counts.append(len(re.findall(r"^\s+\S+ = ", text, re.MULTILINE)))
+  added = np.diff(counts)
+  assert added.max() - added.min() <= 0.05 * added.mean(), counts
+
+
 def test_float32_relu_ntk_diagonal_matches_float64():
   # The fcn benchmark workload, smaller: the diagonal's correlation is 1 exactly, so
   # arccos does not turn float32 rounding (1 - eps) into sqrt(eps).

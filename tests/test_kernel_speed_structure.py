@@ -8,8 +8,11 @@
   kernel as the equivalent constant scale.
 * x2=None: exactly symmetric kernels, and correlation exactly 1 on the diagonal, so a
   float32 ReLU NTK matches the float64 one to 1e-5 (the clipped 1 - eps correlation
-  gave 3e-4 per layer). Batches of 64 or more inputs are computed by blocks (only the
-  upper block pairs): the same kernel, symmetric, with the same exact diagonal.
+  gave 3e-4 per layer). Large batches (from 2^24 entries per pair moment array) are
+  computed by blocks (only the upper block pairs): the same kernel, symmetric, with the
+  same exact diagonal; an MLP's input Gram matrix alone by upper block products.
+* The compiled program of an MLP grows linearly with depth; global pooling sums and a
+  conv input's few-channel Gram matrix avoid the XLA kernels that cost memory or time.
 * ReLU-type kernels evaluate no scalar `atan2` (XLA's CPU backend runs it one element
   at a time): arccos is `inverse_trig`'s polynomial.
 """

@@ -16,11 +16,14 @@ importable on current JAX by ``../shared/tools/nt_stax_on_current_jax.py``
 dependency of this project). Without NT the script reports our side only.
 
 Per workload and library: ``first_call_s`` (build the kernel function, trace, compile
-and run once: what a user waits for; ours is ``im.kernel_fn(model, x)`` then the jitted
-``kernel_fn(x, None, ...)``, NT's builds the ``stax`` network, jits and calls it;
+and run once: what a user waits for; ``first_call_cpu_s`` the same in CPU time of this
+process, less sensitive to other processes on a shared machine; ours is
+``im.kernel_fn(model, x)`` then the jitted ``kernel_fn(x, None, ...)``, NT's builds the
+``stax`` network, jits and calls it; in one process ours runs first, so NT's first call
+finds JAX's own caches warm: ``--isolate`` times each in a fresh process;
 ``first_call_example1_s``: ours with ``x[:1]`` as the example, so the call's batch size
-is new to the kernel function; ``--breakdown`` adds our first call's phases), then
-``--repeats`` interleaved rounds (ours, NT, ours, NT, ...; load from other processes
+is new to the kernel function; ``--breakdown`` adds our first call's phases, wall and
+CPU time), then ``--repeats`` interleaved rounds (ours, NT, ours, NT, ...; load from other processes
 hits both alike) of the jitted call, each
 timed to ``block_until_ready``; ``seconds`` is the minimum. ``ratio`` is NT seconds /
 ours (> 1: we are faster), ``ms_per_entry`` seconds * 1000 / n^2,
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -178,7 +182,9 @@ def run_side(name: str, w: Workload, side: str, repeats: int, save: str) -> dict
   are saved to `save` (.npz) for the comparison."""
   x = np.random.RandomState(0).randn(w.n, *w.shape).astype(np.float32)
   jax.block_until_ready(jax.jit(lambda a: a * 2)(np.ones(3, np.float32)))
-  start = time.perf_counter()
+  if side == "nt":
+    nt_kernel_fn(w)  # imports NT (not timed, as in `run`)
+  start, cpu = time.perf_counter(), time.process_time()
   if side == "ours":
     kf = im.kernel_fn(FlaxNet(w), x)
     fn = jax.jit(lambda a: tuple(kf(a, None, get=("nngp", "ntk"))))
@@ -186,11 +192,12 @@ def run_side(name: str, w: Workload, side: str, repeats: int, save: str) -> dict
     nt = nt_kernel_fn(w)
     fn = jax.jit(lambda a: tuple(nt(a, None, ("nngp", "ntk"))))
   out = jax.block_until_ready(fn(x))
-  first = time.perf_counter() - start
+  first, first_cpu = time.perf_counter() - start, time.process_time() - cpu
   best = min(_timed(fn, x) for _ in range(repeats))
   np.savez(save, nngp=np.asarray(out[0]), ntk=np.asarray(out[1]))
   compiled = fn.lower(x).compile()
-  return {"seconds": best, "first_call_s": first, "ms_per_entry": best * 1000 / w.n ** 2,
+  return {"seconds": best, "first_call_s": first, "first_call_cpu_s": first_cpu,
+          "ms_per_entry": best * 1000 / w.n ** 2,
           **_cost(compiled), **_memory(compiled), **_peaks()}
 
 
@@ -224,20 +231,27 @@ def run_isolated(name: str, w: Workload, repeats: int, use_nt: bool) -> dict:
 def first_call_parts(w: Workload, x, example) -> dict:
   """Our first call split into its phases: a fresh kernel_fn (construction), then
   `jax.jit(...).trace`, `.lower()`, `.compile()` and the run, timed one by one."""
-  clock = time.perf_counter
-  t0 = clock()
+  stamps = []
+
+  def clock():
+    stamps.append((time.perf_counter(), time.process_time()))
+
+  clock()
   kf = im.kernel_fn(FlaxNet(w), example)
-  t1 = clock()
+  clock()
   traced = jax.jit(lambda a: tuple(kf(a, None, get=("nngp", "ntk")))).trace(x)
-  t2 = clock()
+  clock()
   lowered = traced.lower()
-  t3 = clock()
+  clock()
   compiled = lowered.compile()
-  t4 = clock()
+  clock()
   jax.block_until_ready(compiled(x))
-  t5 = clock()
-  return {"construct_s": t1 - t0, "trace_s": t2 - t1, "lower_s": t3 - t2, "compile_s": t4 - t3,
-          "run_s": t5 - t4}
+  clock()
+  out = {}
+  for name, (a, b) in zip(("construct", "trace", "lower", "compile", "run"),
+                          itertools.pairwise(stamps)):
+    out[f"{name}_s"], out[f"{name}_cpu_s"] = b[0] - a[0], b[1] - a[1]
+  return out
 
 
 def run(name: str, w: Workload, repeats: int, use_nt: bool, breakdown: bool = False) -> dict:
@@ -246,11 +260,12 @@ def run(name: str, w: Workload, repeats: int, use_nt: bool, breakdown: bool = Fa
 
   # First call as a user makes it: kernel_fn of the model with the data as example,
   # then the jitted call on that data.
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   kf = im.kernel_fn(FlaxNet(w), x)
   ours = jax.jit(lambda a: tuple(kf(a, None, get=("nngp", "ntk"))))
   result_ours = jax.block_until_ready(ours(x))
-  sides["ours"] = {"fn": ours, "first_call_s": time.perf_counter() - start, "out": result_ours}
+  sides["ours"] = {"fn": ours, "first_call_s": time.perf_counter() - start,
+                   "first_call_cpu_s": time.process_time() - cpu, "out": result_ours}
   # The same with a one-example x_example: the call is at another batch size, so it
   # is interpreted again (construction's trace is at the example's shape).
   start = time.perf_counter()
@@ -260,11 +275,12 @@ def run(name: str, w: Workload, repeats: int, use_nt: bool, breakdown: bool = Fa
 
   nt = nt_kernel_fn(w) if use_nt else None  # imports NT (not timed)
   if nt is not None:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     nt = nt_kernel_fn(w)
     nt_jit = jax.jit(lambda a: tuple(nt(a, None, ("nngp", "ntk"))))
     result_nt = jax.block_until_ready(nt_jit(x))
-    sides["nt"] = {"fn": nt_jit, "first_call_s": time.perf_counter() - start, "out": result_nt}
+    sides["nt"] = {"fn": nt_jit, "first_call_s": time.perf_counter() - start,
+                   "first_call_cpu_s": time.process_time() - cpu, "out": result_nt}
 
   times = {side: [] for side in sides}
   for _ in range(repeats):  # interleaved
@@ -278,6 +294,7 @@ def run(name: str, w: Workload, repeats: int, use_nt: bool, breakdown: bool = Fa
     best = min(times[side])
     compiled = s["fn"].lower(x).compile()
     row[side] = {"seconds": best, "first_call_s": s["first_call_s"],
+                 "first_call_cpu_s": s["first_call_cpu_s"],
                  "ms_per_entry": best * 1000 / w.n ** 2, **_cost(compiled), **_memory(compiled)}
     if "first_call_example1_s" in s:
       row[side]["first_call_example1_s"] = s["first_call_example1_s"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from infinite_modules import elementwise as ew
 from infinite_modules import expectations, first_layer, logit_draws
+from infinite_modules import moments as mo
 from infinite_modules import rules as _rules  # noqa: F401  (registers the rules)
 from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.interpreter import Interpreter, run_jaxpr
@@ -42,6 +44,9 @@ class KernelFn:
     self._traceable = traceable
     self.input_layer = input_layer
     self._feature_shape = tuple(np.shape(x_example)[1:])
+    # Positions per input (spatial or sequence axes of (n, *S, C)): the pair moment arrays
+    # have about n^2 * positions entries, which decides whether x2=None goes by blocks.
+    self._positions = math.prod(self._feature_shape[:-1])
     self._example_size = int(np.shape(x_example)[0])
     self.parameterization = parameterization
     self._points = points
@@ -129,7 +134,7 @@ class KernelFn:
 
   def _kernel(self, x1, x2, *, full: bool) -> Kernel:
     """The kernel between x1 and x2; x2=None: between x1 and itself."""
-    if x2 is None and _symmetric_blocks(x1.shape[0]) > 1:
+    if x2 is None and _symmetric_blocks(x1.shape[0], self._positions) > 1:
       try:
         return self._symmetric_kernel_by_blocks(x1, full=full)
       except MixtureError:
@@ -168,7 +173,7 @@ class KernelFn:
     averaged with their transposes, so the kernel is exactly symmetric.
     """
     n = x.shape[0]
-    blocks = _symmetric_blocks(n)
+    blocks = _symmetric_blocks(n, self._positions)
     size = -(-n // blocks)
     pad = blocks * size - n  # < size <= n: filled with copies of real inputs
     padded = jnp.concatenate([x, x[:pad]]) if pad else x
@@ -189,8 +194,8 @@ class KernelFn:
         padded[first], padded[second], jnp.asarray(first == second))
     var = var[first == second].reshape(-1)[:n]
     interp = traced["interp"]
-    return Kernel(nngp=_unfold_upper_blocks(nngp, blocks, n),
-                  ntk=_unfold_upper_blocks(ntk, blocks, n), cov1=var, cov2=var,
+    return Kernel(nngp=mo.unfold_upper_blocks(nngp, blocks, n),
+                  ntk=mo.unfold_upper_blocks(ntk, blocks, n), cov1=var, cov2=var,
                   shape1=tuple(x.shape), shape2=tuple(x.shape),
                   estimates=tuple(interp.estimates), error=jnp.max(error))
 
@@ -232,6 +237,13 @@ class KernelFn:
 # inputs per block, so the per-input arrays each block pair recomputes (2 per
 # block pair against its size^2 pair entries) stay a few percent of the work.
 _MIN_BLOCK = 32
+# ... and only from this many entries per pair moment array (n^2 input pairs times the
+# input's positions). The blocked program is larger: a vmapped copy of every layer, with
+# each block's single-input moments on its own, and the unfolding. On a 10-layer conv
+# net of 64 inputs of 16x16x3 (2^20 entries) it took ~0.3 s more to trace and ~0.3 s
+# more to compile (CPU) to save ~0.01 s per call; at 2^24 entries (e.g. 128 inputs of
+# 32x32) a call's saving is of the order of that one-time cost.
+_MIN_BLOCKED_ENTRIES = 2 ** 24
 # (B+1)/(2B) of the pair work: 62.5% at 4 blocks. More blocks save little more,
 # while each block pair copies its inputs ((B+1)/2 copies of the batch): measured
 # (CPU, one thread) on an MLP of 1024 x 784 inputs, 2 / 4 / 8 blocks took 84% /
@@ -246,30 +258,13 @@ def _centered(nngp, var1, var2, mean1, mean2):
   return nngp - mean1[:, None] * mean2[None, :], var1 - mean1 ** 2, var2 - mean2 ** 2
 
 
-def _symmetric_blocks(n: int) -> int:
-  """How many blocks an x2=None batch of n inputs is computed by (1: not blocked)."""
+def _symmetric_blocks(n: int, positions: int = 1) -> int:
+  """How many blocks an x2=None batch of n inputs with `positions` positions each (the
+  spatial or sequence axes of an input (n, *S, C), 1 for (n, C)) is computed by (1: not
+  blocked)."""
+  if n * n * positions < _MIN_BLOCKED_ENTRIES:
+    return 1
   return max(1, min(_MAX_BLOCKS, n // _MIN_BLOCK))
-
-
-def _unfold_upper_blocks(pairs, blocks: int, n: int):
-  """The (n, n) symmetric kernel from its upper block pairs (`np.triu_indices(blocks)`
-  order), shape (blocks (blocks + 1) / 2, size, size).
-
-  The pairs are scattered into the upper blocks of a (blocks, blocks, size,
-  size) array; block (I, J) below the diagonal is block (J, I) transposed, and
-  diagonal blocks are averaged with their transposes (exactly symmetric). A
-  scatter, not slices or a gather, reads the pairs: XLA fuses the last layer's
-  work into those (into each of the B^2 slices, or per gathered entry).
-  """
-  size = pairs.shape[1]
-  first, second = np.triu_indices(blocks)
-  upper = jnp.zeros((blocks, blocks, size, size), pairs.dtype).at[first, second].set(
-      pairs, unique_indices=True, indices_are_sorted=True)
-  lower = upper.transpose(1, 0, 3, 2)
-  row = jax.lax.broadcasted_iota(jnp.int32, upper.shape, 0)
-  col = jax.lax.broadcasted_iota(jnp.int32, upper.shape, 1)
-  out = jnp.where(row < col, upper, jnp.where(row > col, lower, (upper + lower) / 2))
-  return out.transpose(0, 2, 1, 3).reshape(blocks * size, blocks * size)[:n, :n]
 
 
 def _input_dtype(dtype):

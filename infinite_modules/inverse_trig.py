@@ -62,21 +62,33 @@ def _checked(x):
   return x
 
 
-@jax.custom_jvp
-def arcsin(x):
-  """arcsin(x) for x in [-1, 1], elementwise, within rounding of the exact value."""
+def arcsin_value(x):
+  """`arcsin` without its derivative rule: for the body of a function that has its own
+  (`jax.custom_jvp` never differentiates a body, and each nested custom_jvp is traced
+  into a jaxpr of its own, which the first call of a kernel pays for once per layer)."""
   x = _checked(x)
   a, small = _reduced(x)
   return jnp.sign(x) * jnp.where(small, a, math.pi / 2 - 2 * a)
 
 
-@jax.custom_jvp
-def arccos(x):
-  """arccos(x) for x in [-1, 1], elementwise, within rounding of the exact value."""
+def arccos_value(x):
+  """`arccos` without its derivative rule (see `arcsin_value`)."""
   x = _checked(x)
   a, small = _reduced(x)
   large = jnp.where(x > 0, 2 * a, math.pi - 2 * a)
   return jnp.where(small, math.pi / 2 - jnp.where(x < 0, -a, a), large)
+
+
+@jax.custom_jvp
+def arcsin(x):
+  """arcsin(x) for x in [-1, 1], elementwise, within rounding of the exact value."""
+  return arcsin_value(x)
+
+
+@jax.custom_jvp
+def arccos(x):
+  """arccos(x) for x in [-1, 1], elementwise, within rounding of the exact value."""
+  return arccos_value(x)
 
 
 def _slope(x):

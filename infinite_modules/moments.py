@@ -10,6 +10,7 @@ means have 1 leading axis and always one spatial axis per dim.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax.numpy as jnp
 import numpy as np
@@ -185,12 +186,35 @@ def _sum_out(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
   d = len(root.spatial)
 
   def second(arr, lead):
-    axes = [a for k in dims for a in spatial_axes(lead, d, full, k)]
-    return jnp.sum(arr, axis=tuple(axes))
+    return _sum_axes(arr, [a for k in dims for a in spatial_axes(lead, d, full, k)])
 
   spatial = tuple(s for i, s in enumerate(root.spatial) if i not in dims)
-  return map_arrays(root, full, second, lambda m: jnp.sum(m, axis=tuple(1 + k for k in dims)),
+  return map_arrays(root, full, second, lambda m: _sum_axes(m, [1 + k for k in dims]),
                     spatial=spatial)
+
+
+def _sum_axes(arr, axes):
+  """arr summed over `axes`.
+
+  Trailing axes (a global pooling in either layout) are flattened and summed as two
+  halves by one `reduce_window` (then the halves added), not by one reduction: XLA's
+  CPU backend fuses the nonlinearity producing the moments into a reduction's kernel
+  in a way that materializes every operand of that nonlinearity as a whole array
+  (constants broadcast to the moments' size included: 10 arrays of the moments'
+  size live at once on Neural Tangents' pooled README network, 64 MB each). A
+  window reduction with more than one output reads one materialized array instead.
+  """
+  axes = sorted(axes)
+  keep = arr.ndim - len(axes)
+  if axes != list(range(keep, arr.ndim)) or np.prod(arr.shape[keep:]) < 2:
+    return jnp.sum(arr, axis=tuple(axes))
+  flat = arr.reshape(arr.shape[:keep] + (-1,))
+  m = flat.shape[-1]
+  # Two overlapping windows of m - 1 entries (which XLA does not turn into a reduction):
+  # the first misses only the last entry.
+  windows = lax.reduce_window(flat, np.array(0, arr.dtype), lax.add, (1,) * keep + (m - 1,),
+                              (1,) * (keep + 1), "VALID")
+  return windows[..., 0] + flat[..., m - 1]
 
 
 def diagonal_sum(arr, lead: int, d: int, full: bool, dims: tuple[int, ...]):
@@ -327,3 +351,47 @@ def squeeze_spatial(root: Root, full: bool, dims: tuple[int, ...]) -> Root:
   """Removes spatial dims of size 1 (valid in both layouts)."""
   assert all(root.spatial[k] == 1 for k in dims)
   return _sum_out(root, full, dims)
+
+
+def unfold_upper_blocks(pairs, blocks: int, n: int):
+  """The (n, n) symmetric kernel from its upper block pairs (`np.triu_indices(blocks)`
+  order), shape (blocks (blocks + 1) / 2, size, size).
+
+  The pairs are scattered into the upper blocks of a (blocks, blocks, size,
+  size) array; block (I, J) below the diagonal is block (J, I) transposed, and
+  diagonal blocks are averaged with their transposes (exactly symmetric). A
+  scatter, not slices or a gather, reads the pairs: XLA fuses the last layer's
+  work into those (into each of the B^2 slices, or per gathered entry).
+  """
+  size = pairs.shape[1]
+  first, second = np.triu_indices(blocks)
+  upper = jnp.zeros((blocks, blocks, size, size), pairs.dtype).at[first, second].set(
+      pairs, unique_indices=True, indices_are_sorted=True)
+  lower = upper.transpose(1, 0, 3, 2)
+  row = lax.broadcasted_iota(jnp.int32, upper.shape, 0)
+  col = lax.broadcasted_iota(jnp.int32, upper.shape, 1)
+  out = jnp.where(row < col, upper, jnp.where(row > col, lower, (upper + lower) / 2))
+  return out.transpose(0, 2, 1, 3).reshape(blocks * size, blocks * size)[:n, :n]
+
+
+def symmetric_gram(a, blocks: int):
+  """a a^T for a of shape (n, k) from the B(B+1)/2 upper block pairs of B = `blocks`
+  blocks of rows (B = 1: one matrix product), exactly symmetric.
+
+  The product is most of the cost of an input layer with many features (a 784-feature
+  MLP input: 2 n^2 k FLOPs against a few per entry for every later layer), and its
+  lower blocks are the upper ones transposed: (B + 1) / (2 B) of the FLOPs (62.5% at
+  B = 4). One matrix product per block pair (a batched product of the gathered blocks
+  ran slower than the whole product on CPU), diagonal blocks averaged with their
+  transposes (their triangles may round apart), lower blocks transposed copies.
+  """
+  if blocks <= 1:
+    return mirror(jnp.einsum("az,bz->ab", a, a), 0, False)
+  edges = np.linspace(0, a.shape[0], blocks + 1).round().astype(int)
+  parts = [a[lo:hi] for lo, hi in itertools.pairwise(edges)]
+  upper = {}
+  for i, j in zip(*np.triu_indices(blocks)):
+    block = jnp.einsum("az,bz->ab", parts[i], parts[j])
+    upper[i, j] = mirror(block, 0, False) if i == j else block
+  return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(blocks)]
+                    for i in range(blocks)])

@@ -8,8 +8,11 @@
   kernel as the equivalent constant scale.
 * x2=None: exactly symmetric kernels, and correlation exactly 1 on the diagonal, so a
   float32 ReLU NTK matches the float64 one to 1e-5 (the clipped 1 - eps correlation
-  gave 3e-4 per layer). Batches of 64 or more inputs are computed by blocks (only the
-  upper block pairs): the same kernel, symmetric, with the same exact diagonal.
+  gave 3e-4 per layer). Large batches (from 2^24 entries per pair moment array) are
+  computed by blocks (only the upper block pairs): the same kernel, symmetric, with the
+  same exact diagonal; an MLP's input Gram matrix alone by upper block products.
+* The compiled program of an MLP grows linearly with depth; global pooling sums and a
+  conv input's few-channel Gram matrix avoid the XLA kernels that cost memory or time.
 * ReLU-type kernels evaluate no scalar `atan2` (XLA's CPU backend runs it one element
   at a time): arccos is `inverse_trig`'s polynomial.
 """
@@ -130,6 +133,32 @@ class ReluMLP(nn.Module):
     return nn.Dense(1, kernel_init=_he(), use_bias=False)(x)
 
 
+class DeepMLP(nn.Module):
+  depth: int
+
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(self.depth):
+      x = nn.relu(nn.Dense(16, kernel_init=_he())(x))
+    return nn.Dense(1, kernel_init=_he())(x)
+
+
+def test_compiled_mlp_grows_linearly_with_depth():
+  """Each Dense + relu layer adds the same compiled instructions. A correlation XLA may
+  fuse into its consumers (c times reciprocal square roots, not a division) let every
+  layer's kernels recompute all layers before it: 348, 494, 620, 746 instructions added
+  by layers 2..5, and compile time quadratic in depth."""
+  import re
+  x = np.random.RandomState(0).randn(6, 8).astype(np.float32)
+  counts = []
+  for depth in (1, 2, 3, 4):
+    kf = im.kernel_fn(DeepMLP(depth), x)
+    text = jax.jit(lambda a, kf=kf: kf(a, None, ("nngp", "ntk"))).lower(x).compile().as_text()
+    counts.append(len(re.findall(r"^\s+\S+ = ", text, re.MULTILINE)))
+  added = np.diff(counts)
+  assert added.max() - added.min() <= 0.05 * added.mean(), counts
+
+
 def test_float32_relu_ntk_diagonal_matches_float64():
   # The fcn benchmark workload, smaller: the diagonal's correlation is 1 exactly, so
   # arccos does not turn float32 rounding (1 - eps) into sqrt(eps).
@@ -207,10 +236,64 @@ class MaxPoolNet(nn.Module):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-  """Blocks of >= 4 inputs (not 32), so small batches take the blocked path."""
+  """Blocks of >= 4 inputs (not 32) from any size, so small batches take the blocked path."""
   from infinite_modules import api
   monkeypatch.setattr(api, "_MIN_BLOCK", 4)
+  monkeypatch.setattr(api, "_MIN_BLOCKED_ENTRIES", 0)
   return api
+
+
+def test_blocks_only_where_the_pair_work_is_large():
+  """x2=None goes by blocks from 2^24 entries per pair moment array (n^2 x positions)."""
+  from infinite_modules import api
+  assert api._symmetric_blocks(1024) == 1  # an MLP batch: its Gram matrix goes by blocks
+  assert api._symmetric_blocks(64, 16 * 16) == 1
+  assert api._symmetric_blocks(128, 32 * 32) == 4
+  assert api._symmetric_blocks(4096) == 4
+
+
+@pytest.mark.parametrize("n, blocks", [(7, 1), (300, 2), (515, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_symmetric_gram_by_blocks(n, blocks, dtype):
+  """The Gram matrix from its upper block pairs (padded when blocks do not divide n) is
+  exactly symmetric and equals the matrix product."""
+  from infinite_modules import moments as mo
+  a = np.random.RandomState(n).randn(n, 33).astype(dtype)
+  with jax.enable_x64(dtype == np.float64):
+    g = np.asarray(jax.jit(lambda v: mo.symmetric_gram(v, blocks))(a))
+  assert g.dtype == dtype
+  np.testing.assert_array_equal(g, g.T)
+  ref = a.astype(np.float64) @ a.T.astype(np.float64)
+  tol = 1e-5 if dtype == np.float32 else 1e-13
+  np.testing.assert_allclose(g, ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape, axes", [((3, 2, 4, 5), (2, 3)), ((3, 4, 5), (1, 2)),
+                                         ((2, 3, 1, 2), (2, 3)), ((2, 1), (1,)),
+                                         ((3, 4, 5), (1,))])
+def test_global_sum_of_moments(shape, axes):
+  """The global sum (pooling) of moment arrays: two overlapping windows, not a reduction
+  (which XLA's CPU backend fused with materialized copies of all its operands)."""
+  from infinite_modules import moments as mo
+  arr = np.random.RandomState(0).randn(*shape)
+  with jax.enable_x64(True):
+    out = np.asarray(jax.jit(lambda a: mo._sum_axes(a, list(axes)))(arr))
+  np.testing.assert_allclose(out, arr.sum(axis=axes), rtol=1e-13)
+
+
+def test_conv_input_gram_without_a_transpose():
+  """A conv input with few channels: its pair moments (n, n, *S) are summed in place, with
+  no transpose of the whole moment array, and equal the per-position products."""
+  from infinite_modules.rules.linear import _input_moments
+  x = np.random.RandomState(0).randn(6, 5, 4, 3)
+  with jax.enable_x64(True):
+    root = _input_moments(x, x, 0, (3,), [1, 2], False, jnp.float64)
+    text = jax.jit(lambda v: _input_moments(v, v, 0, (3,), [1, 2], False, jnp.float32).nngp
+                   ).lower(x.astype(np.float32)).as_text()
+  ref = np.einsum("aijc,bijc->abij", x, x)
+  np.testing.assert_allclose(root.nngp, ref, rtol=1e-13)
+  np.testing.assert_array_equal(root.nngp, np.transpose(root.nngp, (1, 0, 2, 3)))
+  assert "dot_general" not in text
 
 
 @pytest.mark.parametrize("model, n", [("tanh_mlp", 13), ("relu_conv", 8), ("relu_conv", 18),

@@ -154,6 +154,16 @@ def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spa
                    root_in.random_moments)
 
 
+# Up to this many contracted features per input position, the input's pair moments are
+# summed elementwise rather than by a batched matrix product (see `_input_moments`).
+_FEW_FEATURES = 16
+# x2=None: the input Gram matrix of a batch of n inputs without positions by
+# min(_GRAM_BLOCKS, n // _MIN_GRAM_BLOCK) blocks of rows (`moments.symmetric_gram`);
+# blocks below 128 rows make products too small for the matrix-product kernels.
+_GRAM_BLOCKS = 4
+_MIN_GRAM_BLOCK = 128
+
+
 def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype):
   """Second moments of a concrete input, summed over its contracted axes.
 
@@ -177,11 +187,21 @@ def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype)
   else:
     pair = f"a{letters}z,b{letters}z->ab{letters}"
     single = f"a{letters}z,a{letters}z->a{letters}"
-  nngp = jnp.einsum(pair, a, b)
-  if b is a:
-    # Exactly symmetric, so that every later step (all symmetric in the two
-    # sides) keeps it so (a matrix product's two triangles may round differently).
-    nngp = mo.mirror(nngp, d, full)
+  if b is a and d == 0:
+    # x2=None without positions: the input Gram matrix, by its upper blocks.
+    nngp = mo.symmetric_gram(a, max(1, min(_GRAM_BLOCKS, a.shape[0] // _MIN_GRAM_BLOCK)))
+  else:
+    if d and not full and a.shape[-1] <= _FEW_FEATURES:
+      # Per position, few features (an image's channels): products summed in place,
+      # (n1, n2, *S) directly. A batched matrix product over the positions puts them
+      # first and needs a transpose of the whole moment array after it.
+      nngp = jnp.sum(a[:, None] * b[None, :], axis=-1)
+    else:
+      nngp = jnp.einsum(pair, a, b)
+    if b is a:
+      # Exactly symmetric, so that every later step (all symmetric in the two
+      # sides) keeps it so (a matrix product's two triangles may round differently).
+      nngp = mo.mirror(nngp, d, full)
   var1 = jnp.einsum(single, a, a)
   var2 = var1 if b is a else jnp.einsum(single, b, b)
   return Root(nngp=nngp, ntk=None, var1=var1, var2=var2, mean1=None, mean2=None,

@@ -389,6 +389,9 @@ def pair_expectations(pairs, c, va, vb, ma, mb, points: int | None = QUADRATURE_
 # Gauss-Legendre points per piece, and the extra outer edges around a smoothed
 # kink (in units of its width). Measured worst relative errors over shifted /
 # capped relu, elu and hard_swish at correlations up to 0.9999: ~1e-7 / ~1e-10.
+# The pair and single rules for kinked phi now use the smooth rule's edges and points
+# with the kinks added (`pair_expectations_piecewise`); these remain the defaults of
+# `standard_normal_rule` (and the pair-law grid's, `pairlaw.py`).
 PIECE_EDGES = {32: (-9.0, -3.0, 0.0, 3.0, 9.0), 64: (-9.0, -3.0, -1.0, 0.0, 1.0, 3.0, 9.0)}
 PIECE_POINTS = {32: 8, 64: 12}
 _SMOOTHED_KINK_EDGES = {32: (-2.0, 2.0), 64: (-4.0, -1.0, 1.0, 4.0)}

@@ -477,10 +477,8 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
     fb, breaks_b = _side(expr, kinks, ctx_b, vb_b, mb_b)
     dfa, dfb = ex.derivative(fa), ex.derivative(fb)
     if kinks:
-      kappa = ex.pair_expectation_piecewise(fa, fb, cov, va_b, vb_b, ma_b, mb_b, breaks_a,
-                                            breaks_b)
-      dkappa = ex.pair_expectation_piecewise(dfa, dfb, cov, va_b, vb_b, ma_b, mb_b, breaks_a,
-                                             breaks_b)
+      kappa, dkappa = ex.pair_expectations_piecewise(((fa, fb), (dfa, dfb)), cov, va_b, vb_b,
+                                                     ma_b, mb_b, breaks_a, breaks_b)
     else:
       kappa, dkappa = ex.pair_expectations(((fa, fb), (dfa, dfb)), cov, va_b, vb_b, ma_b,
                                            mb_b, points)

@@ -435,5 +435,5 @@ def _phi_pair(ea, eb, cov, va, vb, ma, mb, points: int):
   none = jnp.full(shape + (0,), jnp.inf, cov.dtype)
   breaks_a = none if breaks_a is None else breaks_a
   breaks_b = none if breaks_b is None else breaks_b
-  return (ex.pair_expectation_piecewise(fa, fb, cov, va, vb, ma, mb, breaks_a, breaks_b),
-          ex.pair_expectation_piecewise(dfa, dfb, cov, va, vb, ma, mb, breaks_a, breaks_b))
+  return ex.pair_expectations_piecewise(((fa, fb), (dfa, dfb)), cov, va, vb, ma, mb, breaks_a,
+                                        breaks_b)

@@ -563,20 +563,10 @@ def pair_expectations_piecewise(pairs, c, va, vb, ma, mb, breaks_a, breaks_b):
   xs, wxs = standard_normal_rule(outer_breaks, dtype, edges, points)
   ascending = _sorted_columns(jnp.concatenate([breaks_b, smooth], axis=-1))
 
-  def one_outer(totals, node):
-    x, wx = node
-    u = (ma + sa * x)[..., None]
-    centre = mb + slope * x
-    ys, wys = _rule_between(edges, [_standardize_one(b, centre, resid, edges[-1])
-                                    for b in ascending], points, dtype, shape)
-    v = centre[..., None] + resid[..., None] * ys
-    return tuple(total + wx * fa(u)[..., 0] * jnp.sum(fb(v) * wys, axis=-1)
-                 for total, (fa, fb) in zip(totals, pairs)), None
-
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in pairs)
-  totals, _ = jax.lax.scan(one_outer, zeros,
-                           (jnp.moveaxis(xs, -1, 0), jnp.moveaxis(wxs, -1, 0)))
-  return totals
+  inner_rule = lambda centre: _rule_between(
+      edges, [_standardize_one(b, centre, resid, edges[-1]) for b in ascending], points,
+      dtype, shape)
+  return _outer_scan(pairs, xs, wxs, ma, sa, mb, slope, resid, inner_rule, shape, dtype)
 
 
 def _sorted_columns(values):
@@ -739,11 +729,20 @@ def pair_expectations_smooth(pairs, c, va, vb, ma, mb):
   xs, wxs = standard_normal_rule(breaks, dtype, SMOOTH_EDGES[_bits(dtype)],
                                  SMOOTH_POINTS[_bits(dtype)])
 
+  inner_rule = lambda centre: smooth_rule(centre, resid, dtype)
+  return _outer_scan(pairs, xs, wxs, ma, sa, mb, slope, resid, inner_rule, shape, dtype)
+
+
+def _outer_scan(pairs, xs, wxs, ma, sa, mb, slope, resid, inner_rule, shape, dtype):
+  """(E[fa(u) fb(v)] for (fa, fb) in pairs) by a scan over the outer nodes x (u = ma + sa x,
+  weights wxs): at each, the inner rule `inner_rule(centre)` -> (ys, wys) for v = centre +
+  resid y, centre = mb + slope x (v given u), so the inner pieces follow the outer node."""
+
   def one_outer(totals, node):
     x, wx = node
     u = (ma + sa * x)[..., None]
     centre = mb + slope * x
-    ys, wys = smooth_rule(centre, resid, dtype)
+    ys, wys = inner_rule(centre)
     v = centre[..., None] + resid[..., None] * ys
     return tuple(total + wx * fa(u)[..., 0] * jnp.sum(fb(v) * wys, axis=-1)
                  for total, (fa, fb) in zip(totals, pairs)), None

@@ -11,13 +11,14 @@ from infinite_modules.batching import batch
 from infinite_modules.errors import InfiniteWidthError, PriorError, UnsupportedPrimitiveError
 from infinite_modules.haiku_state import HaikuWithState, haiku_eval_state
 from infinite_modules.interpreter import register_rule
-from infinite_modules.kernel import Estimate, Kernel
+from infinite_modules.kernel import Estimate, EstimatedKernelWarning, Kernel
 from infinite_modules.models import record_nnx_initializers
 from infinite_modules.modules import LayerKernel, register_module
 from infinite_modules.priors import Prior, prior_from_initializer
 
 __all__ = [
     "Estimate",
+    "EstimatedKernelWarning",
     "HaikuWithState",
     "InfiniteWidthError",
     "Kernel",

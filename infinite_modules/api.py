@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,13 @@ from infinite_modules import moments as mo
 from infinite_modules import rules as _rules  # noqa: F401  (registers the rules)
 from infinite_modules.errors import InfiniteWidthError
 from infinite_modules.interpreter import Interpreter, run_jaxpr
-from infinite_modules.kernel import Kernel, select
+from infinite_modules.kernel import (
+  Estimate,
+  EstimatedKernelWarning,
+  Kernel,
+  estimated_kernel_message,
+  select,
+)
 from infinite_modules.models import as_traceable
 from infinite_modules.modules import intercept_registered_modules
 from infinite_modules.moments import NeedFullLayout
@@ -37,6 +44,19 @@ class KernelFn:
       (conv stacks read out by flatten + dense), "full" if all pairs of
       positions are (pooling); chosen by a pass over the jaxpr.
     parameterization: "ntk" or "standard".
+    estimates: the steps of the model's kernel that are estimated rather than exact
+      (`Estimate`s: primitive and module path, method), found by the construction pass;
+      empty for an exact kernel. Such a kernel's entries are E[...] of a step with no
+      closed form (max pooling: Monte Carlo over the windows; 1/sqrt(head_dim) attention:
+      Monte Carlo over the Gaussian logits; post-activation residual streams: pair-law
+      quadrature), K_returned = K + e with |e| <= `Kernel.error` (from `get=None`).
+    exact: `not estimates`: every step is computed exactly (up to rounding and the
+      stated quadrature accuracy).
+
+  A call with `get=` a name or a tuple returns bare arrays, which cannot carry the
+  error bound: for a kernel with estimates the first such call warns
+  (`EstimatedKernelWarning`, once per `KernelFn`); `get=None` returns a `Kernel` with
+  its `estimates` and `error` and never warns.
   """
 
   def __init__(self, traceable, x_example, parameterization: str, points: int,
@@ -67,22 +87,43 @@ class KernelFn:
     dtype = _input_dtype(jax.dtypes.canonicalize_dtype(x_example.dtype))
     example = jax.ShapeDtypeStruct(np.shape(x_example), dtype)
     try:
-      jax.eval_shape(functools.partial(self._compute, full=False), example, None)
+      traced = jax.eval_shape(functools.partial(self._compute, full=False), example, None)
       self.full = False
     except NeedFullLayout:
-      jax.eval_shape(functools.partial(self._compute, full=True), example, None)
+      traced = jax.eval_shape(functools.partial(self._compute, full=True), example, None)
       self.full = True
+    # A `Kernel`'s estimates are static (part of its tree structure), so the abstract
+    # result of the construction pass already holds them: no second interpretation.
+    self.estimates: tuple[Estimate, ...] = traced.estimates
+    self._warned_estimated = False
 
   @property
   def layout(self) -> str:
     return "full" if self.full else "diagonal"
+
+  @property
+  def exact(self) -> bool:
+    """Whether every step of the kernel is exact (no estimated step; see `estimates`)."""
+    return not self.estimates
+
+  def _warn_estimated(self, estimates: tuple[Estimate, ...], stacklevel: int) -> None:
+    """Warns (`EstimatedKernelWarning`) that bare arrays of an estimated kernel are
+    returned, once per `KernelFn`: later calls (and a jitted call's retraces) stay quiet.
+    `stacklevel` counts from the caller of this method, as in `warnings.warn`."""
+    if not estimates or self._warned_estimated:
+      return
+    self._warned_estimated = True
+    warnings.warn(estimated_kernel_message(estimates), EstimatedKernelWarning,
+                  stacklevel=stacklevel + 1)
 
   def __call__(self, x1, x2=None, get: str | tuple[str, ...] | None = None):
     """Kernels between the batches `x1` (n1, ...) and `x2` (n2, ...) (`x2=None`: x1).
 
     Args:
       get: "nngp" or "ntk" (or "cov1", "cov2") for one array, a tuple of
-        names for a namedtuple, None for a `Kernel` with all of them.
+        names for a namedtuple, None for a `Kernel` with all of them (and, for an
+        estimated kernel, its `estimates` and `error` bound; bare arrays of an estimated
+        kernel come with one `EstimatedKernelWarning` per `KernelFn`).
     """
     x1 = self._check_input(x1, "x1")
     if x2 is not None:
@@ -93,6 +134,10 @@ class KernelFn:
     # x2=None is its own (symmetric) problem: one input moment, correlation
     # exactly 1 on the diagonal, an exactly symmetric result.
     kernel = self._compute(x1, x2, full=self.full)
+    if get is not None:
+      # This call's own estimates (static on the result, under jit too), not only the
+      # construction pass's.
+      self._warn_estimated(kernel.estimates, stacklevel=2)
     return select(kernel, get)
 
   def _check_input(self, x, name):

@@ -53,6 +53,25 @@ class Estimate:
   method: str
 
 
+class EstimatedKernelWarning(UserWarning):
+  """A kernel with estimated steps was returned as bare arrays (`get=` a name or a tuple).
+
+  A `Kernel` (`get=None`) carries its `estimates` and `error` bound; bare arrays
+  cannot, so `KernelFn` warns once instead. Filter it with
+  `warnings.filterwarnings("ignore", category=im.EstimatedKernelWarning)`.
+  """
+
+
+def estimated_kernel_message(estimates: tuple[Estimate, ...]) -> str:
+  """The `EstimatedKernelWarning` text: which steps are estimated and where the bound is."""
+  steps = "; ".join(f"{e.where} ({e.method})" for e in estimates)
+  return (f"This kernel is estimated, not exact: {len(estimates)} step(s) have no exact closed "
+          f"form: {steps}. The arrays returned for `get=` a name or a tuple do not carry the "
+          "error bound: call with `get=None` for a `Kernel` whose `.error` bounds the absolute "
+          "error of the nngp/ntk entries (`.estimates` names the steps); `KernelFn.estimates` "
+          "lists them without a call. Warned once per kernel_fn.")
+
+
 _GET_NAMES = ("nngp", "ntk", "cov1", "cov2")
 
 

@@ -564,7 +564,8 @@ def gradient_descent_mse_ensemble(
       kernel_fn: ``kernel_fn(x1, x2, get, **kwargs)``; ``get`` a string returns an array, a
         tuple a namedtuple (or any object with those attributes). E.g. from
         ``infinite_modules.kernel_fn``; an empirical/Monte Carlo kernel works but the result
-        then only approximates the infinite ensemble.
+        then only approximates the infinite ensemble. A ``kernel_fn`` with estimated steps
+        (``kernel_fn.exact`` False) gives one ``EstimatedKernelWarning``, here.
       x_train: training inputs.
       y_train: training targets.
       learning_rate: learning rate; ``t`` counts steps.
@@ -582,6 +583,7 @@ def gradient_descent_mse_ensemble(
       if ``get`` is a tuple or ``None`` (= ``("nngp", "ntk")``). ``x_test=None`` gives the
       training set; leading axes ``jnp.shape(t)``.
     """
+    _warn_if_estimated(kernel_fn)
     layout = _Layout.make(y_train, trace_axes)
     y_train = jnp.asarray(y_train)
     scale = learning_rate / y_train.size
@@ -649,6 +651,16 @@ def gradient_descent_mse_ensemble(
         return _format_get(out, is_str, "Gaussians")
 
     return predict_fn
+
+
+def _warn_if_estimated(kernel_fn: Any) -> None:
+    """An ``im.kernel_fn`` with estimated steps: the predictions use its bare arrays, so its
+    ``EstimatedKernelWarning`` is given here, at the user's call (once per ``KernelFn``: the
+    kernel calls of ``predict_fn`` then stay quiet)."""
+    from infinite_modules.api import KernelFn  # this module otherwise needs no kernel code
+
+    if isinstance(kernel_fn, KernelFn):
+        kernel_fn._warn_estimated(kernel_fn.estimates, stacklevel=3)
 
 
 def max_learning_rate(

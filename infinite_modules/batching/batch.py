@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from infinite_modules.api import KernelFn
 from infinite_modules.batching import outputs
 from infinite_modules.batching.dispatch import DIAGONAL, OFF, EagerTiles, ShardedTiles, TileCall
 from infinite_modules.batching.tiles import TilePlan, digest, num_examples
@@ -87,11 +88,23 @@ def batch(kernel_fn: Callable, batch_size: int, *, progress: bool = True,
   compiled = {}
 
   def batched(x1, x2=None, *args, path: str | os.PathLike | None = None, **kwargs):
+    _warn_if_estimated(kernel_fn, args, kwargs)
     chosen = list(mesh.devices.flat) if mesh is not None else list(devices or jax.local_devices())
     return _Run(kernel_fn, int(batch_size), chosen, jit, in_flight, checkpoint_seconds,
                 progress, compiled).compute(x1, x2, args, kwargs, path)
 
   return batched
+
+
+def _warn_if_estimated(kernel_fn, args, kwargs):
+  """An `im.kernel_fn` of a model with estimated steps asked for bare arrays warns here,
+  at the user's call, rather than from inside the first traced tile; the `KernelFn` warns
+  once, so its tile calls then stay quiet (at most one warning per batched call)."""
+  if not isinstance(kernel_fn, KernelFn):
+    return
+  get = args[0] if args else kwargs.get("get")
+  if get is not None:
+    kernel_fn._warn_estimated(kernel_fn.estimates, stacklevel=3)
 
 
 @dataclasses.dataclass

@@ -455,8 +455,13 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
     return materialize(materialize(root, a_node, full, points, same_batch), f_node, full, points,
                        same_batch)
 
-  v1 = diag_of(root.var1, d, full) - m1 * m1
-  v2 = v1 if one_batch else diag_of(root.var2, d, full) - m2 * m2
+  # Zero means (None) are structural: no covariance correction to trace.
+  centered = root.mean1 is None and root.mean2 is None
+  v1 = diag_of(root.var1, d, full)
+  v2 = v1 if one_batch else diag_of(root.var2, d, full)
+  if not centered:
+    v1 = v1 - m1 * m1
+    v2 = v1 if one_batch else v2 - m2 * m2
 
   if not ctx:
     _check_defined(expr, dtype)
@@ -469,7 +474,7 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
     """Returns E[phi(u) phi(v)] and E[phi'(u) phi'(v)] for one moment array."""
     va_b, vb_b = pair_broadcast(va, vb, d, full, pair)
     ma_b, mb_b = pair_broadcast(ma, mb, d, full, pair)
-    cov = arr - ma_b * mb_b
+    cov = arr if centered else arr - ma_b * mb_b
     if form is not None:
       same = same_point(arr.shape[0], root.spatial, full, pair, same_batch)
       return ex.affine_kappa_dkappa(form, cov, va_b, vb_b, same=same)

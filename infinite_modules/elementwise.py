@@ -23,7 +23,14 @@ import numpy as np
 from infinite_modules import expectations as ex
 from infinite_modules import homogeneous, pairlaw
 from infinite_modules.errors import InfiniteWidthError
-from infinite_modules.moments import diag_of, mirror, pair_broadcast, same_point, whole_batch
+from infinite_modules.moments import (
+  diag_of,
+  mirror,
+  one_buffer,
+  pair_broadcast,
+  same_point,
+  whole_batch,
+)
 from infinite_modules.values import Root
 
 Z = ("z",)
@@ -508,8 +515,9 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
     return _expectation(expr, kinks, cvals, va, ma, points)
 
   mean1 = mean(v1, m1, ctx1)
+  nngp, ntk = one_buffer(nngp, dk * root.ntk)
   out = dataclasses.replace(
-      root, nngp=nngp, ntk=dk * root.ntk, var1=var1, var2=var2,
+      root, nngp=nngp, ntk=ntk, var1=var1, var2=var2,
       mean1=mean1, mean2=mean1 if one_batch else mean(v2, m2, ctx2), gaussian=False,
       gathered_from=None, law=None)
   if ctx:

@@ -37,6 +37,22 @@ def per_side(fn, side1, side2):
   return out1, out1 if side2 is side1 else fn(side2)
 
 
+def one_buffer(nngp, ntk):
+  """(nngp, ntk) written into one stacked buffer and read back as its two halves.
+
+  The NNGP and NTK of a nonlinearity share every transcendental (correlation,
+  arccos, square roots). Returned as two arrays, XLA gives each its own fused
+  kernel and materializes the shared intermediates between them (three kernels
+  and three extra passes over the moments per ReLU layer); as the halves of one
+  array they are one kernel that writes both, and the halves are free views.
+  """
+  if ntk is None or jnp.shape(nngp) != jnp.shape(ntk):
+    return nngp, ntk
+  # The barrier keeps XLA from simplifying slice(concatenate(a, b)) back to a and b.
+  both = lax.optimization_barrier(jnp.stack([nngp, ntk]))
+  return both[0], both[1]
+
+
 def map_arrays(root: Root, full: bool, second, mean=None, stack_pair: bool = False,
                **changes) -> Root:
   """Applies `second(arr, lead)` to the second moments and `mean(arr)` to means

@@ -28,6 +28,7 @@ from infinite_modules.moments import (
   mirror,
   one_buffer,
   pair_broadcast,
+  pair_diagonal,
   same_point,
   whole_batch,
 )
@@ -476,6 +477,12 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
   form = None
   if not ctx and root.mean1 is None and root.mean2 is None:
     form = _closed_form(expr, kinks, dtype)
+  if form is not None and one_batch and not full and whole_batch(same_batch):
+    # x2=None in the diagonal layout: a point's variance is its pair with itself, the
+    # diagonal of the NNGP array. Read there, the separate variance chain feeds nothing
+    # but the returned variances, and XLA drops it when those are not returned (four of a
+    # conv layer's seven fused kernels: compile time).
+    v1 = v2 = pair_diagonal(root.nngp)
 
   def moments(arr, ctx_a, ctx_b, va, vb, ma, mb, pair):
     """Returns E[phi(u) phi(v)] and E[phi'(u) phi'(v)] for one moment array."""

@@ -288,6 +288,13 @@ def diag_of(var, d: int, full: bool):
   return jnp.diagonal(flat, axis1=1, axis2=2).reshape((n,) + sizes)
 
 
+def pair_diagonal(arr):
+  """arr[i, i, ...] as an (n, ...) array, for a pair array (n, n, ...) of a batch with
+  itself (a strided slice of the flattened pairs: fuses into its consumers)."""
+  n = arr.shape[0]
+  return arr.reshape((n * n,) + arr.shape[2:])[::n + 1]
+
+
 def pair_broadcast(side1, side2, d: int, full: bool, pair: bool):
   """Broadcasts per-position arrays of the two sides against a moment array.
 

@@ -408,30 +408,13 @@ def unfold_upper_blocks(pairs, blocks: int, n: int):
   return out.transpose(0, 2, 1, 3).reshape(blocks * size, blocks * size)[:n, :n]
 
 
-def symmetric_gram(a, blocks: int):
-  """a a^T for a of shape (n, k) from the B(B+1)/2 upper block pairs of B = `blocks`
-  blocks of rows (B = 1: one matrix product), exactly symmetric.
+def symmetric_gram(a):
+  """a a^T for a of shape (n, k), exactly symmetric ((g + g^T) / 2: a matrix product's
+  two triangles may round apart).
 
-  The product is most of the cost of an input layer with many features (a 784-feature
-  MLP input: 2 n^2 k FLOPs against a few per entry for every later layer), and its
-  lower blocks are the upper ones transposed: (B + 1) / (2 B) of the FLOPs (62.5% at
-  B = 4). The upper block pairs are gathered into one batched matrix product and the
-  result is unfolded by one gather: four XLA ops whatever B, where a product per block
-  pair (and a transposed copy per lower block) cost XLA ~0.2 s more to compile than
-  the blocks saved at run time on a 1024 x 784 input. The result is mirrored
-  ((g + g^T) / 2) since a diagonal block's triangles may round apart.
+  One matrix product. Products of the upper block pairs only (62.5% of the FLOPs at
+  4 blocks, whether one product per pair or one batched product of the gathered
+  blocks) ran slower inside the whole kernel on CPU (fcn, n = 1024: 0.037 s against
+  0.028 s a call; n = 2048: 0.20 against 0.16), and compiled longer.
   """
-  if blocks <= 1:
-    return mirror(jnp.einsum("az,bz->ab", a, a), 0, False)
-  n = a.shape[0]
-  rows = -(-n // blocks)
-  parts = jnp.pad(a, [(0, rows * blocks - n), (0, 0)]).reshape(blocks, rows, a.shape[1])
-  first, second = np.triu_indices(blocks)
-  upper = jnp.einsum("paz,pbz->pab", parts[first], parts[second])
-  # Block (i, j) of the Gram matrix is upper[pair] for i <= j, its transpose below.
-  pair = np.zeros((blocks, blocks), int)
-  pair[first, second] = np.arange(len(first))
-  pair[second, first] = np.arange(len(first)) + len(first)
-  both = jnp.concatenate([upper, jnp.swapaxes(upper, 1, 2)])
-  gram = both[pair].transpose(0, 2, 1, 3).reshape(rows * blocks, rows * blocks)
-  return mirror(gram[:n, :n], 0, False)
+  return mirror(jnp.einsum("az,bz->ab", a, a), 0, False)

@@ -23,7 +23,15 @@ import numpy as np
 from infinite_modules import expectations as ex
 from infinite_modules import homogeneous, pairlaw
 from infinite_modules.errors import InfiniteWidthError
-from infinite_modules.moments import diag_of, mirror, pair_broadcast, same_point, whole_batch
+from infinite_modules.moments import (
+  diag_of,
+  mirror,
+  one_buffer,
+  pair_broadcast,
+  pair_diagonal,
+  same_point,
+  whole_batch,
+)
 from infinite_modules.values import Root
 
 Z = ("z",)
@@ -455,8 +463,13 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
     return materialize(materialize(root, a_node, full, points, same_batch), f_node, full, points,
                        same_batch)
 
-  v1 = diag_of(root.var1, d, full) - m1 * m1
-  v2 = v1 if one_batch else diag_of(root.var2, d, full) - m2 * m2
+  # Zero means (None) are structural: no covariance correction to trace.
+  centered = root.mean1 is None and root.mean2 is None
+  v1 = diag_of(root.var1, d, full)
+  v2 = v1 if one_batch else diag_of(root.var2, d, full)
+  if not centered:
+    v1 = v1 - m1 * m1
+    v2 = v1 if one_batch else v2 - m2 * m2
 
   if not ctx:
     _check_defined(expr, dtype)
@@ -464,12 +477,18 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
   form = None
   if not ctx and root.mean1 is None and root.mean2 is None:
     form = _closed_form(expr, kinks, dtype)
+  if form is not None and one_batch and not full and whole_batch(same_batch):
+    # x2=None in the diagonal layout: a point's variance is its pair with itself, the
+    # diagonal of the NNGP array. Read there, the separate variance chain feeds nothing
+    # but the returned variances, and XLA drops it when those are not returned (four of a
+    # conv layer's seven fused kernels: compile time).
+    v1 = v2 = pair_diagonal(root.nngp)
 
   def moments(arr, ctx_a, ctx_b, va, vb, ma, mb, pair):
     """Returns E[phi(u) phi(v)] and E[phi'(u) phi'(v)] for one moment array."""
     va_b, vb_b = pair_broadcast(va, vb, d, full, pair)
     ma_b, mb_b = pair_broadcast(ma, mb, d, full, pair)
-    cov = arr - ma_b * mb_b
+    cov = arr if centered else arr - ma_b * mb_b
     if form is not None:
       same = same_point(arr.shape[0], root.spatial, full, pair, same_batch)
       return ex.affine_kappa_dkappa(form, cov, va_b, vb_b, same=same)
@@ -503,8 +522,9 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
     return _expectation(expr, kinks, cvals, va, ma, points)
 
   mean1 = mean(v1, m1, ctx1)
+  nngp, ntk = one_buffer(nngp, dk * root.ntk)
   out = dataclasses.replace(
-      root, nngp=nngp, ntk=dk * root.ntk, var1=var1, var2=var2,
+      root, nngp=nngp, ntk=ntk, var1=var1, var2=var2,
       mean1=mean1, mean2=mean1 if one_batch else mean(v2, m2, ctx2), gaussian=False,
       gathered_from=None, law=None)
   if ctx:

@@ -184,7 +184,7 @@ class ReluPair:
     rho, norm = _correlation(c, va, vb, same)
     j0, j1 = arccos_j01(rho)
     p, n = self.p, self.n
-    kappa, dkappa = (p * p + n * n) * j1, (p * p + n * n) * j0
+    kappa, dkappa = _times(p * p + n * n, j1), _times(p * p + n * n, j0)
     if p * n != 0:
       kappa = kappa - 2 * p * n * (j1 - rho / 2)
       dkappa = dkappa + 2 * p * n * (0.5 - j0)
@@ -914,6 +914,12 @@ def _like(x, c):
   return x if jnp.shape(x) == shape else jnp.broadcast_to(x, shape)
 
 
+def _times(factor, x):
+  """factor * x, or x itself for the literal 1 (relu's Affine(core, 1, 1, 0)): nothing
+  to trace, lower and compile; 1 * x == x exactly."""
+  return x if isinstance(factor, (int, float)) and factor == 1 else factor * x
+
+
 def affine_kappa(form: Affine, c, va, vb, ma, mb, same=None):
   """E[phi(u) phi(v)] for phi = a core(s z) + b and zero-mean (u, v).
 
@@ -944,12 +950,13 @@ def affine_kappa_dkappa(form: Affine, c, va, vb, same=None):
     return affine_kappa(form, c, va, vb, 0, 0, same), affine_dkappa(form, c, va, vb, same)
   s2 = form.s ** 2
   core = form.core
-  k, dk = both(s2 * c, s2 * va, s2 * vb, **_same_point(core, same))
-  kappa = form.a ** 2 * k
+  k, dk = both(_times(s2, c), _times(s2, va), _times(s2, vb), **_same_point(core, same))
+  kappa = _times(form.a ** 2, k)
   if form.b != 0:
     kappa = kappa + form.a * form.b * (core.mean(s2 * va) + core.mean(s2 * vb)) + form.b ** 2
-  return _like(kappa, c), _like(form.a ** 2 * s2 * dk, c)
+  return _like(kappa, c), _like(_times(form.a ** 2 * s2, dk), c)
 
 
 def affine_mean(form: Affine, v):
-  return form.a * form.core.mean(form.s ** 2 * v) + form.b
+  mean = _times(form.a, form.core.mean(_times(form.s ** 2, v)))
+  return mean if form.b == 0 else mean + form.b

@@ -10,7 +10,6 @@ means have 1 leading axis and always one spatial axis per dim.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +37,27 @@ def per_side(fn, side1, side2):
   return out1, out1 if side2 is side1 else fn(side2)
 
 
-def map_arrays(root: Root, full: bool, second, mean=None, **changes) -> Root:
-  """Applies `second(arr, lead)` to the second moments and `mean(arr)` to means.
+def one_buffer(nngp, ntk):
+  """(nngp, ntk) written into one stacked buffer and read back as its two halves.
+
+  The NNGP and NTK of a nonlinearity share every transcendental (correlation,
+  arccos, square roots). Returned as two arrays, XLA gives each its own fused
+  kernel and materializes the shared intermediates between them (three kernels
+  and three extra passes over the moments per ReLU layer); as the halves of one
+  array they are one kernel that writes both, and the halves are free views.
+  """
+  if ntk is None or jnp.shape(nngp) != jnp.shape(ntk):
+    return nngp, ntk
+  # The barrier keeps XLA from simplifying slice(concatenate(a, b)) back to a and b.
+  both = lax.optimization_barrier(jnp.stack([nngp, ntk]))
+  return both[0], both[1]
+
+
+def map_arrays(root: Root, full: bool, second, mean=None, stack_pair: bool = False,
+               **changes) -> Root:
+  """Applies `second(arr, lead)` to the second moments and `mean(arr)` to means
+  (`stack_pair`: to the NNGP and NTK arrays stacked, as one array with lead + 1 leading
+  axes, when both have the same shape).
 
   An input's pseudo-root has `ntk=None` (structurally zero: no parameter
   before it), which stays None rather than becoming a window sum of zeros
@@ -48,9 +66,13 @@ def map_arrays(root: Root, full: bool, second, mean=None, **changes) -> Root:
   mean = mean or (lambda a: a)
   var1, var2 = per_side(lambda v: second(v, 1), root.var1, root.var2)
   mean1, mean2 = per_side(lambda m: None if m is None else mean(m), root.mean1, root.mean2)
+  if stack_pair and root.ntk is not None and root.ntk.shape == root.nngp.shape:
+    nngp, ntk = second(jnp.stack([root.nngp, root.ntk]), 3)
+  else:
+    nngp = second(root.nngp, 2)
+    ntk = None if root.ntk is None else second(root.ntk, 2)
   return dataclasses.replace(
-      root,
-      nngp=second(root.nngp, 2), ntk=None if root.ntk is None else second(root.ntk, 2),
+      root, nngp=nngp, ntk=ntk,
       var1=var1, var2=var2, mean1=mean1, mean2=mean2, gathered_from=None, **changes)
 
 
@@ -119,7 +141,12 @@ def window_sum(root: Root, full: bool, k: int, window: int, stride: int, dilatio
     return arr
 
   spatial = tuple(out if i == k else s for i, s in enumerate(root.spatial))
-  return map_arrays(root, full, second, lambda m: spec.sum(m, 1 + k), spatial=spatial)
+  # Diagonal layout: the NNGP and NTK arrays are summed as one stacked array (one
+  # reduce_window instead of two: half the window ops XLA compiles, and the layer's
+  # nonlinearity writes both into one buffer). The full layout's diagonal sums keep
+  # one op per array (its moments are the largest arrays; no extra stacked copy).
+  return map_arrays(root, full, second, lambda m: spec.sum(m, 1 + k), spatial=spatial,
+                    stack_pair=not full)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +288,13 @@ def diag_of(var, d: int, full: bool):
   return jnp.diagonal(flat, axis1=1, axis2=2).reshape((n,) + sizes)
 
 
+def pair_diagonal(arr):
+  """arr[i, i, ...] as an (n, ...) array, for a pair array (n, n, ...) of a batch with
+  itself (a strided slice of the flattened pairs: fuses into its consumers)."""
+  n = arr.shape[0]
+  return arr.reshape((n * n,) + arr.shape[2:])[::n + 1]
+
+
 def pair_broadcast(side1, side2, d: int, full: bool, pair: bool):
   """Broadcasts per-position arrays of the two sides against a moment array.
 
@@ -374,24 +408,13 @@ def unfold_upper_blocks(pairs, blocks: int, n: int):
   return out.transpose(0, 2, 1, 3).reshape(blocks * size, blocks * size)[:n, :n]
 
 
-def symmetric_gram(a, blocks: int):
-  """a a^T for a of shape (n, k) from the B(B+1)/2 upper block pairs of B = `blocks`
-  blocks of rows (B = 1: one matrix product), exactly symmetric.
+def symmetric_gram(a):
+  """a a^T for a of shape (n, k), exactly symmetric ((g + g^T) / 2: a matrix product's
+  two triangles may round apart).
 
-  The product is most of the cost of an input layer with many features (a 784-feature
-  MLP input: 2 n^2 k FLOPs against a few per entry for every later layer), and its
-  lower blocks are the upper ones transposed: (B + 1) / (2 B) of the FLOPs (62.5% at
-  B = 4). One matrix product per block pair (a batched product of the gathered blocks
-  ran slower than the whole product on CPU), diagonal blocks averaged with their
-  transposes (their triangles may round apart), lower blocks transposed copies.
+  One matrix product. Products of the upper block pairs only (62.5% of the FLOPs at
+  4 blocks, whether one product per pair or one batched product of the gathered
+  blocks) ran slower inside the whole kernel on CPU (fcn, n = 1024: 0.037 s against
+  0.028 s a call; n = 2048: 0.20 against 0.16), and compiled longer.
   """
-  if blocks <= 1:
-    return mirror(jnp.einsum("az,bz->ab", a, a), 0, False)
-  edges = np.linspace(0, a.shape[0], blocks + 1).round().astype(int)
-  parts = [a[lo:hi] for lo, hi in itertools.pairwise(edges)]
-  upper = {}
-  for i, j in zip(*np.triu_indices(blocks)):
-    block = jnp.einsum("az,bz->ab", parts[i], parts[j])
-    upper[i, j] = mirror(block, 0, False) if i == j else block
-  return jnp.block([[upper[i, j] if i <= j else upper[j, i].T for j in range(blocks)]
-                    for i in range(blocks)])
+  return mirror(jnp.einsum("az,bz->ab", a, a), 0, False)

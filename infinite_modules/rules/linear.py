@@ -157,11 +157,6 @@ def _scaled_layer(root_in: Root, variance: float, grad: float, width: float, spa
 # Up to this many contracted features per input position, the input's pair moments are
 # summed elementwise rather than by a batched matrix product (see `_input_moments`).
 _FEW_FEATURES = 16
-# x2=None: the input Gram matrix of a batch of n inputs without positions by
-# min(_GRAM_BLOCKS, n // _MIN_GRAM_BLOCK) blocks of rows (`moments.symmetric_gram`);
-# blocks below 128 rows make products too small for the matrix-product kernels.
-_GRAM_BLOCKS = 4
-_MIN_GRAM_BLOCK = 128
 
 
 def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype):
@@ -188,8 +183,8 @@ def _input_moments(x1, x2, batch_axis: int, contracted, free, full: bool, dtype)
     pair = f"a{letters}z,b{letters}z->ab{letters}"
     single = f"a{letters}z,a{letters}z->a{letters}"
   if b is a and d == 0:
-    # x2=None without positions: the input Gram matrix, by its upper blocks.
-    nngp = mo.symmetric_gram(a, max(1, min(_GRAM_BLOCKS, a.shape[0] // _MIN_GRAM_BLOCK)))
+    # x2=None without positions: the input Gram matrix, exactly symmetric.
+    nngp = mo.symmetric_gram(a)
   else:
     if d and not full and a.shape[-1] <= _FEW_FEATURES:
       # Per position, few features (an image's channels): products summed in place,

@@ -4,7 +4,8 @@ stem); prints JSON.
 Workload: the `ResNet1` of Flax's examples/imagenet/models.py (7x7 stride-2 stem, eval-mode
 BatchNorm, max_pool 3x3 stride 2 SAME, one v1 block `relu(residual + y)`, mean pooling,
 Dense), `num_filters=8`, 8x8x3 float32 images, `x2=None`, `get=("nngp", "ntk")`. The
-architecture is the one in `tests/test_resnet_examples.py`.
+architecture is the one in `tests/test_resnet_examples.py`; ``--blocks 2`` stacks a second
+block (the first block's output law is then pushed and compressed: `push_compress`).
 
 Per n: ``first_call_s`` (kernel_fn built, traced, compiled and run once) and ``seconds``
 (the minimum over ``--repeats`` further calls, each timed to `block_until_ready`).
@@ -13,7 +14,7 @@ own on a random mixture of the same shapes (`pairlaw.push_moments`: the moments 
 law under phi; `pairlaw.push_compress`: moments and binning into the grid): its
 ``seconds`` (min of 3 after compile) and the shapes. The header records the load average.
 
-  python benchmarks/pairlaw_resnet.py [--n 4,8,16] [--repeats 2] [--profile]
+  PYTHONPATH=. python benchmarks/pairlaw_resnet.py [--n 4,8,16] [--repeats 2] [--profile] [--blocks 1]
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Appended, so PYTHONPATH decides which checkout is timed (e.g. the code before a change).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn
 import jax
@@ -58,6 +60,7 @@ class ResNetBlock(nn.Module):
 class ResNet1(nn.Module):
   num_classes: int = 10
   num_filters: int = 8
+  blocks: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -67,7 +70,8 @@ class ResNet1(nn.Module):
     x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
     x = nn.relu(norm(name="bn_init")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-    x = ResNetBlock(self.num_filters, conv=conv, norm=norm)(x)
+    for _ in range(self.blocks):
+      x = ResNetBlock(self.num_filters, conv=conv, norm=norm)(x)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
 
 
@@ -148,12 +152,14 @@ def main():
   parser.add_argument("--n", default="4,8,16")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--profile", action="store_true")
+  parser.add_argument("--blocks", type=int, default=1)
   args = parser.parse_args()
   print(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(),
-                    "loadavg": os.getloadavg(), "jax": jax.__version__}), flush=True)
+                    "loadavg": os.getloadavg(), "jax": jax.__version__,
+                    "infinite_modules": os.path.dirname(im.__file__)}), flush=True)
   for n in (int(v) for v in args.n.split(",")):
     x = _images(n)
-    model = ResNet1()
+    model = ResNet1(blocks=args.blocks)
     recorder = _Recorder()
     start = time.perf_counter()
     with recorder:
@@ -162,7 +168,7 @@ def main():
     first = time.perf_counter() - start
     call = functools.partial(kernel_fn, x, None, get=("nngp", "ntk"))
     seconds = min(_timed(call) for _ in range(args.repeats))
-    row = {"n": n, "first_call_s": round(first, 2), "seconds": round(seconds, 2),
+    row = {"n": n, "blocks": args.blocks, "first_call_s": round(first, 2), "seconds": round(seconds, 2),
            "loadavg": os.getloadavg()}
     if args.profile:
       row["steps"] = _profile(recorder.calls)

@@ -33,6 +33,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+_SQRT_HALF = math.sqrt(0.5)
+
 
 @dataclasses.dataclass(frozen=True)
 class TwoSlopes:
@@ -51,7 +53,10 @@ class TwoSlopes:
     positive = s > 0
     z = jnp.where(positive, c / jnp.where(positive, s, 1.0),
                   jnp.where(c > 0, jnp.inf, jnp.where(c < 0, -jnp.inf, 0.0)))
-    big_p, big_q = jax.scipy.special.ndtr(z), jax.scipy.special.ndtr(-z)
+    # Phi(+-z) = erfc(-+z / sqrt 2) / 2: one erfc each, accurate to relative rounding in
+    # both tails (ndtr evaluates erf and erfc and selects).
+    big_p = 0.5 * jax.lax.erfc(-z * _SQRT_HALF)
+    big_q = 0.5 * jax.lax.erfc(z * _SQRT_HALF)
     d = jnp.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     sd = s * d
     r2 = c * c + s * s

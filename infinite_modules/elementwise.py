@@ -531,9 +531,10 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
     return out  # pair laws are carried for location-independent phi only
   f, gs = _law_side(expr)
   # phi(z) is no longer Gaussian; its pair laws are built only if a later
-  # nonlinearity needs them (a post-activation residual sum).
-  return pairlaw.attach(
-      out, lambda: pairlaw.law_of(root, full).push_compress(f, gs))
+  # nonlinearity needs them (a post-activation residual sum). phi's two-slope closed
+  # form (relu, leaky_relu, abs), if any, lets `pairlaw` integrate exactly inside.
+  return pairlaw.attach(out, lambda: pairlaw.law_of(root, full).push_compress(
+      f, gs, homogeneous.two_slopes(expr, dtype)))
 
 
 def _mirrored(arr, d, full, same_batch):
@@ -554,14 +555,15 @@ def _materialize_from_law(root: Root, expr, full: bool, same_batch=False) -> Roo
   entry's law; the pushed-forward laws are kept for the next nonlinearity."""
   d = len(root.spatial)
   f, gs = _law_side(expr)
+  inner = homogeneous.two_slopes(expr, root.nngp.dtype)  # see `materialize`
   law = pairlaw.law_of(root, full)
-  nngp, var1, var2 = law.push_moments(f, gs)
+  nngp, var1, var2 = law.push_moments(f, gs, inner)
   out = dataclasses.replace(
       root, nngp=_mirrored(nngp["ab"], d, full, same_batch),
       ntk=_mirrored(nngp["t"], d, full, same_batch), var1=var1["ab"], var2=var2["ab"],
       mean1=diag_of(var1["a"], d, full), mean2=diag_of(var2["a"], d, full),
       gaussian=False, gathered_from=None, law=None)
-  return pairlaw.attach(out, lambda: law.push_compress(f, gs))
+  return pairlaw.attach(out, lambda: law.push_compress(f, gs, inner))
 
 
 def _closed_form(expr, kinks, dtype):
@@ -681,8 +683,9 @@ def means(root: Root, expr, full: bool, points: int):
       if not pairlaw.known(root) or nodes:
         raise NotGaussianError()
       f, gs = _law_side(expr)
+      inner = homogeneous.two_slopes(expr, dtype)
       law = pairlaw.law_of(root, full)
-      sums = pairlaw.push_moments(law.var1 if side == 0 else law.var2, f, f, gs, gs)
+      sums = pairlaw.push_moments(law.var1 if side == 0 else law.var2, f, f, gs, gs, inner)
       out.append(diag_of(sums["a"], d, full))
       continue
     v = diag_of(var, d, full) - m * m

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from infinite_modules import expectations as ex
+from infinite_modules.gaussian_pieces import TwoSlopes
 
 _SAME_DEGREE = {"add": np.add, "sub": np.subtract, "max": np.maximum, "min": np.minimum}
 _KEEP = {"neg": np.negative, "abs": np.abs, "copy": None, "copy_p": None}
@@ -48,6 +49,14 @@ def relu_pair_form(expr, dtype) -> ex.Affine | None:
   if not (np.isfinite(p) and np.isfinite(n)):
     return None
   return ex.Affine(ex.ReluPair(p, n), 1.0, 1.0, 0.0)
+
+
+def two_slopes(expr, dtype) -> TwoSlopes | None:
+  """phi = expr as `TwoSlopes(phi(1), -phi(-1))` (exactly p z for z > 0, n z for z < 0)
+  if it is positively homogeneous of degree 1 by its structure, else None: the form
+  whose one-dimensional Gaussian expectations `gaussian_pieces` gives in closed form."""
+  form = relu_pair_form(expr, dtype)
+  return None if form is None else TwoSlopes(form.core.p, form.core.n)
 
 
 def is_homogeneous(expr) -> bool:

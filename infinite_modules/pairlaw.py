@@ -31,16 +31,22 @@ Cross terms between independent summands vanish at infinite width, as in
 `add_independent`.
 
 Accuracy and cost. Second moments and the NTK of phi(s + y) are expectations
-over the mixture by a piecewise Gauss-Legendre rule per component (~25 x 25
-nodes, split at phi's kinks: ~1e-5 relative on relu). The compression keeps
+over the mixture by a piecewise Gauss-Legendre rule per component (~30 x 25
+nodes, split at phi's kinks: ~1e-5 relative on relu). For phi with two linear
+pieces and a kink at 0 (relu, leaky_relu, abs: `gaussian_pieces.TwoSlopes`) the
+inner integral (u_B given the outer node) is exact in closed form and only the
+~30 outer nodes are summed. The compression keeps
 weight, means, second moments and the expected tangent of the law exactly;
 what it approximates is the shape of the law inside each cell. Against a
 simulation of the infinite-width limit of a dense relu post-activation ResNet
 (2e6 channels, noise ~1.5e-3) the NNGP agrees to ~2e-3 after one block and
 ~3e-3 after three, on the correlation scale (`tests/test_nongaussian.py`).
-Cost per stream nonlinearity: (entries of the moment arrays) x GRID^2 x ~625
-evaluations of phi, memory of the same order; the XLA compile time of the
-kernel grows by seconds per block.
+Cost per stream nonlinearity: (entries of the moment arrays) x GRID^2 x ~30
+closed-form inner expectations for the moments (x ~750 evaluations of phi for
+other phi), plus, where the pushed law is carried on (`push_compress`), binning
+~750 quadrature particles per component (the cells need the law's shape, which
+the closed-form moments do not give); memory bounded by `_CHUNK_PARTICLES`; the
+XLA compile time of the kernel grows by seconds per block.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infinite_modules import expectations as ex
+from infinite_modules.gaussian_pieces import TwoSlopes
 
 # Cells per marginal of a compressed law; piece edges (in standard deviations)
 # and Gauss-Legendre points per piece of the rule that expands a Gaussian
@@ -170,18 +177,13 @@ def _roots(switches, centre, scale, dtype):
   return ex._standardize(roots, centre, scale)
 
 
-def push(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=()) -> Mixture:
-  """Law of (fa(u_A), fb(u_B)), every Gaussian component expanded into quadrature
-  particles (not compressed: the particles' moments are the quadrature's
-  expectations of fa(u_A) fb(u_B); `compress` the result to carry it on).
+def _outer(x: Mixture, switches_a, switches_b):
+  """The outer half of `push`: each component written u_A = a + sa X,
+  u_B = centre(X) + resid Y with centre(X) = b + slope X, and X on its rule.
 
-  Each component is written u_A = a + sa X, u_B = b + slope X + resid Y with X, Y
-  independent standard normals; X and then Y (given X) are integrated piecewise
-  between the kinks of fa / fb (roots of their `switches_*`: triples (g, monotone,
-  affine in z) from `elementwise.switches`), so kinked phi (relu) converge like smooth ones.
-  The tangent becomes fa'(u_A) fb'(u_B) (t + theta). `fa`, `fb` act elementwise
-  on arrays of shape E + (K, ...) (location-independent phi).
-  """
+  Returns (u, centre, resid, weight), each of shape E + (K, Nx): u_A at the X nodes,
+  the conditional law of u_B given X (mean, standard deviation), and w_i times the X
+  rule's weights."""
   dtype = jnp.result_type(x.a)
   sa, slope, resid = ex._conditional(x.c, x.va, x.vb)
   ek = lambda v: jnp.broadcast_to(jnp.asarray(v)[..., None], x.a.shape)
@@ -195,10 +197,27 @@ def push(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=()) -
   u = x.a[..., None] + sa[..., None] * xs
   centre = x.b[..., None] + slope[..., None] * xs
   scale = jnp.broadcast_to(resid[..., None], centre.shape)
+  return u, centre, scale, x.w[..., None] * wx
+
+
+def push(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=()) -> Mixture:
+  """Law of (fa(u_A), fb(u_B)), every Gaussian component expanded into quadrature
+  particles (not compressed: the particles' moments are the quadrature's
+  expectations of fa(u_A) fb(u_B); `compress` the result to carry it on).
+
+  Each component is written u_A = a + sa X, u_B = b + slope X + resid Y with X, Y
+  independent standard normals; X and then Y (given X) are integrated piecewise
+  between the kinks of fa / fb (roots of their `switches_*`: triples (g, monotone,
+  affine in z) from `elementwise.switches`), so kinked phi (relu) converge like smooth ones.
+  The tangent becomes fa'(u_A) fb'(u_B) (t + theta). `fa`, `fb` act elementwise
+  on arrays of shape E + (K, ...) (location-independent phi).
+  """
+  dtype = jnp.result_type(x.a)
+  u, centre, scale, wo = _outer(x, switches_a, switches_b)
   ys, wy = _rule(_roots(switches_b, centre, scale, dtype), dtype)  # E + (K, Nx, Ny)
   v = centre[..., None] + scale[..., None] * ys
   u = jnp.broadcast_to(u[..., None], v.shape)
-  w = x.w[..., None, None] * wx[..., None] * wy
+  w = wo[..., None] * wy
   k = int(np.prod(v.shape[-3:]))
   flat = lambda arr: jnp.broadcast_to(arr, v.shape).reshape(v.shape[:-3] + (k,))
   t = None
@@ -210,6 +229,34 @@ def push(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=()) -
   zero = jnp.zeros_like(x.va)
   return Mixture(a=fa(u), b=fb(v), w=w, va=zero, vb=zero, c=zero, t=t,
                  theta=None if t is None else zero)
+
+
+def _closed_sums(x: Mixture, fa: Callable, fb: Callable, inner: TwoSlopes, switches_a=(),
+                 switches_b=()):
+  """The per-entry sums of `push_moments` (E + (len(_SUMS),)) with the inner integral
+  over Y given X in closed form (`gaussian_pieces`, fb = inner exactly): per X node
+  E[fb], E[fb^2], E[fb'] of u_B ~ N(centre, resid^2), so the X rule alone is summed.
+  Equal to the quadrature path up to that path's inner-rule error (its Y rule is
+  truncated at +- PIECE_EDGES[-1] standard deviations: ~1e-8 relative)."""
+  u, centre, scale, w = _outer(x, switches_a, switches_b)
+  mean, second, slope = inner.conditional(centre, scale)
+  # resid = 0: u_B is deterministic given X, as in the quadrature path (all Y nodes at
+  # the centre); phi' there is fb's own derivative (its convention at the kink).
+  point = scale > 0
+  fc = fb(centre)
+  mean = jnp.where(point, mean, fc)
+  second = jnp.where(point, second, fc * fc)
+  fu = fa(u)
+  total = lambda v: jnp.sum(w * v, axis=(-2, -1))
+  if x.t is None:
+    t = jnp.zeros_like(x.va)
+  else:
+    slope = jnp.where(point, slope, ex.derivative(fb)(centre))
+    base = (x.t + x.theta[..., None])[..., None]
+    t = total(ex.derivative(fa)(u) * slope * base)
+  cols = [jnp.sum(w, axis=(-2, -1)), total(fu), total(mean), total(fu * fu), total(second),
+          total(fu * mean), t]
+  return jnp.stack(cols, axis=-1)
 
 
 def compress(x: Mixture, grid: int = GRID) -> Mixture:
@@ -283,17 +330,21 @@ _CHUNK_PARTICLES = 1 << 23
 _SUMS = ("w", "a", "b", "aa", "bb", "ab", "t")
 
 
-def _components_in_chunks(x: Mixture, fa, fb, switches_a, switches_b):
-  """The flattened (entries, K) mixture split into chunks of components, for a scan:
-  returns (scanned arrays of shape (chunks, entries, chunk), shared per-entry arrays,
-  the particle count per component)."""
-  shape = x.a.shape[:-1]
-  entries, k = int(np.prod(shape)), x.size
+def _per_component(x: Mixture, expand: Callable) -> int:
+  """Nodes `expand` (a Mixture -> array of its expansion) makes of one component."""
   dtype = jnp.result_type(x.a)
   one = Mixture(*(jnp.zeros((1,) * n, dtype) for n in (2, 2, 2, 1, 1, 1)),
                 t=None if x.t is None else jnp.zeros((1, 1), dtype),
                 theta=None if x.t is None else jnp.zeros((1,), dtype))
-  per = jax.eval_shape(lambda m: push(m, fa, fb, switches_a, switches_b), one).a.shape[-1]
+  return int(np.prod(jax.eval_shape(expand, one).shape))
+
+
+def _components_in_chunks(x: Mixture, per: int):
+  """The flattened (entries, K) mixture split into chunks of components (each expanded
+  into `per` nodes), for a scan: returns (scanned arrays of shape (chunks, entries,
+  chunk), shared per-entry arrays, the chunk count)."""
+  shape = x.a.shape[:-1]
+  entries, k = int(np.prod(shape)), x.size
   chunk = int(max(1, min(k, _CHUNK_PARTICLES // max(1, entries * per))))
   count = -(-k // chunk)
   pad = count * chunk - k
@@ -306,37 +357,51 @@ def _components_in_chunks(x: Mixture, fa, fb, switches_a, switches_b):
   scanned = [split(x.a), split(x.b), split(x.w)] + ([] if x.t is None else [split(x.t)])
   shared = [v.reshape(entries) for v in (x.va, x.vb, x.c)] + (
       [] if x.t is None else [x.theta.reshape(entries)])
-  return scanned, shared, per, count
+  return scanned, shared, count
 
 
-def _pushed_chunk(scanned, shared, fa, fb, switches_a, switches_b) -> Mixture:
+def _chunk(scanned, shared) -> Mixture:
+  """The mixture of one chunk of components (see `_components_in_chunks`)."""
   tangent = len(scanned) == 4
   a, b, w = scanned[:3]
   va, vb, c = shared[:3]
-  return push(Mixture(a, b, w, va, vb, c, scanned[3] if tangent else None,
-                      shared[3] if tangent else None), fa, fb, switches_a, switches_b)
+  return Mixture(a, b, w, va, vb, c, scanned[3] if tangent else None,
+                 shared[3] if tangent else None)
 
 
-def push_moments(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=()):
+def _particle_sums(m: Mixture):
+  """The `_SUMS` columns of a law's particles, E + (len(_SUMS),)."""
+  t = jnp.zeros_like(m.a) if m.t is None else m.t
+  cols = [m.w, m.w * m.a, m.w * m.b, m.w * m.a * m.a, m.w * m.b * m.b, m.w * m.a * m.b,
+          m.w * t]
+  return jnp.stack([jnp.sum(v, axis=-1) for v in cols], axis=-1)
+
+
+def push_moments(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=(),
+                 inner: TwoSlopes | None = None):
   """Per-entry sums over the particles of `push(x, ...)`: a dict with
   w = sum w_i, a = sum w_i a_i, b, aa, bb, ab = sum w_i a_i b_i, t = sum w_i t_i
   (E[fa(u_A)], E[fa(u_A) fb(u_B)], the expected tangent, ...), computed without
-  materializing the pushed particles (a scan over chunks of components)."""
-  shape = x.a.shape[:-1]
-  scanned, shared, _, count = _components_in_chunks(x, fa, fb, switches_a, switches_b)
+  materializing the pushed particles (a scan over chunks of components).
 
-  def sums(m):
-    t = jnp.zeros_like(m.a) if m.t is None else m.t
-    cols = [m.w, m.w * m.a, m.w * m.b, m.w * m.a * m.a, m.w * m.b * m.b, m.w * m.a * m.b,
-            m.w * t]
-    return jnp.stack([jnp.sum(v, axis=-1) for v in cols], axis=-1)
+  `inner`: fb's closed form if it has two linear pieces with a kink at 0 (relu,
+  leaky_relu, abs; `homogeneous.two_slopes`): the integral over u_B given the
+  outer node is then exact (`_closed_sums`) instead of a ~25-node rule."""
+  shape = x.a.shape[:-1]
+  if inner is None:
+    per = _per_component(x, lambda m: push(m, fa, fb, switches_a, switches_b).a)
+    sums = lambda m: _particle_sums(push(m, fa, fb, switches_a, switches_b))
+  else:
+    per = _per_component(x, lambda m: _outer(m, switches_a, switches_b)[0])
+    sums = lambda m: _closed_sums(m, fa, fb, inner, switches_a, switches_b)
+  scanned, shared, count = _components_in_chunks(x, per)
 
   if count == 1:
-    total = sums(push(x, fa, fb, switches_a, switches_b))
+    total = sums(x)
     return {name: total[..., i] for i, name in enumerate(_SUMS)}
 
   def body(total, chunk):
-    return total + sums(_pushed_chunk(chunk, shared, fa, fb, switches_a, switches_b)), None
+    return total + sums(_chunk(chunk, shared)), None
 
   entries = int(np.prod(shape))
   total, _ = jax.lax.scan(body, jnp.zeros((entries, len(_SUMS)), jnp.result_type(x.a)),
@@ -345,21 +410,24 @@ def push_moments(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches
 
 
 def push_compress(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switches_b=(),
-                  grid: int = GRID) -> Mixture:
+                  grid: int = GRID, inner: TwoSlopes | None = None) -> Mixture:
   """`compress(push(x, fa, fb, ...), grid)`. Beyond `_CHUNK_PARTICLES` particles, in
   two scans over chunks of components (the first for the pushed law's moments, which
-  place the cells; the second bins the particles), so the particles are never all in
-  memory. Same result up to the order of floating-point sums."""
+  place the cells and give the second moments: with `inner`, fb's closed form, exact
+  in the inner variable, see `push_moments`; the second bins the quadrature
+  particles), so the particles are never all in memory. Same result up to the order
+  of floating-point sums (and, with `inner`, the inner rule's error)."""
   shape = x.a.shape[:-1]
   entries = int(np.prod(shape))
   cells = grid * grid
-  scanned, shared, per, count = _components_in_chunks(x, fa, fb, switches_a, switches_b)
+  per = _per_component(x, lambda m: push(m, fa, fb, switches_a, switches_b).a)
+  scanned, shared, count = _components_in_chunks(x, per)
   if x.size * per <= cells:
     return push(x, fa, fb, switches_a, switches_b)
   if count == 1:
     return compress(push(x, fa, fb, switches_a, switches_b), grid)
   sums = {k: v.reshape(entries, 1) for k, v in
-          push_moments(x, fa, fb, switches_a, switches_b).items()}
+          push_moments(x, fa, fb, switches_a, switches_b, inner).items()}
   mean_a, mean_b = sums["a"], sums["b"]
   var_a = jnp.maximum(sums["aa"] - mean_a * mean_a, 0)
   var_b = jnp.maximum(sums["bb"] - mean_b * mean_b, 0)
@@ -381,7 +449,7 @@ def push_compress(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switche
     return jnp.clip(cell, 0, count - 1).astype(jnp.int32)
 
   def body(total, chunk):
-    m = _pushed_chunk(chunk, shared, fa, fb, switches_a, switches_b)
+    m = push(_chunk(chunk, shared), fa, fb, switches_a, switches_b)
     a, b, w = m.a, m.b, m.w
     r = b - slope * a
     ids = base + bins(a, mean_a, var_a, along_a) * along_r + bins(r, mean_r, var_r, along_r)
@@ -396,13 +464,15 @@ def push_compress(x: Mixture, fa: Callable, fb: Callable, switches_a=(), switche
   centre_a, centre_b = totals[..., 1] / safe, totals[..., 2] / safe
   second = lambda name: sums[name].reshape(shape)
   kept = lambda u, v: jnp.sum(weight * u * v, axis=-1)
-  zero = jnp.zeros(shape, dtype)
+  t = totals[..., 3] / safe if tangent else None
   return Mixture(
       a=centre_a, b=centre_b, w=weight,
       va=jnp.maximum(second("aa") - kept(centre_a, centre_a), 0),
       vb=jnp.maximum(second("bb") - kept(centre_b, centre_b), 0),
-      c=second("ab") - kept(centre_a, centre_b),
-      t=totals[..., 3] / safe if tangent else None, theta=zero if tangent else None)
+      c=second("ab") - kept(centre_a, centre_b), t=t,
+      # The expected tangent is the moment scan's too (with `inner` it is exact in the
+      # inner variable, the binned particles are not): the difference is a constant part.
+      theta=second("t") - kept(t, 1.0) if tangent else None)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -424,16 +494,20 @@ class PairLaw:
     """The laws of phi(z), phi = f (location-independent) with its switches, uncompressed."""
     return self.stacked(lambda m: push(m, f, f, switches, switches))
 
-  def push_compress(self, f: Callable, switches=()) -> PairLaw:
-    """The laws of phi(z), compressed (`push_compress`: never all particles in memory)."""
-    return self.stacked(lambda m: push_compress(m, f, f, switches, switches))
+  def push_compress(self, f: Callable, switches=(), inner: TwoSlopes | None = None) -> PairLaw:
+    """The laws of phi(z), compressed (`push_compress`: never all particles in memory;
+    `inner`: phi's closed form if it has one, see `push_moments`)."""
+    return self.stacked(
+        lambda m: push_compress(m, f, f, switches, switches, inner=inner))
 
-  def push_moments(self, f: Callable, switches=()) -> tuple[dict, dict, dict]:
-    """`push_moments` of the three laws (nngp, var1, var2) under phi = f, in one scan."""
+  def push_moments(self, f: Callable, switches=(),
+                   inner: TwoSlopes | None = None) -> tuple[dict, dict, dict]:
+    """`push_moments` of the three laws (nngp, var1, var2) under phi = f, in one scan
+    (`inner`: phi's closed form if it has one, see the function)."""
     merged = self._merged()
     if merged is None:
-      return tuple(push_moments(m, f, f, switches, switches) for m in self._parts())
-    sums = push_moments(merged, f, f, switches, switches)
+      return tuple(push_moments(m, f, f, switches, switches, inner) for m in self._parts())
+    sums = push_moments(merged, f, f, switches, switches, inner)
     return tuple({k: take(v) for k, v in sums.items()} for take, _ in self._pieces())
 
   def stacked(self, fn: Callable[[Mixture], Mixture]) -> PairLaw:

@@ -105,7 +105,8 @@ class TanhMLP(nn.Module):
     return nn.Dense(1)(x)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# float64 is slow (~25 s: tanh's quadrature compiles long); float32 keeps the rule covered.
+@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
 def test_x2_none_exactly_symmetric(dtype):
   # tanh uses Gauss-Hermite quadrature with the two sides of a pair in different
   # roles (outer / inner variable): both triangles are computed, they differ by rounding.
@@ -295,8 +296,9 @@ def test_conv_input_gram_without_a_transpose():
   assert "dot_general" not in text
 
 
-@pytest.mark.parametrize("model, n", [("tanh_mlp", 13), ("relu_conv", 8), ("relu_conv", 18),
-                                      ("max_pool", 9)])
+# tanh_mlp is slow (~20 s, quadrature); the blocked program is covered by the other three.
+@pytest.mark.parametrize("model, n", [pytest.param("tanh_mlp", 13, marks=pytest.mark.slow),
+                                      ("relu_conv", 8), ("relu_conv", 18), ("max_pool", 9)])
 def test_x2_none_by_blocks_is_the_whole_kernel(small_blocks, monkeypatch, model, n):
   """B(B+1)/2 upper block pairs (B = 2, 3, 4; 9, 13 and 18 inputs need padding) give the
   kernel of all pairs: symmetric, equal to the unblocked x2=None kernel, with the exact

@@ -465,24 +465,25 @@ def materialize(root: Root, expr, full: bool, points: int, same_batch=False) -> 
 
   # Zero means (None) are structural: no covariance correction to trace.
   centered = root.mean1 is None and root.mean2 is None
-  v1 = diag_of(root.var1, d, full)
-  v2 = v1 if one_batch else diag_of(root.var2, d, full)
-  if not centered:
-    v1 = v1 - m1 * m1
-    v2 = v1 if one_batch else v2 - m2 * m2
-
   if not ctx:
     _check_defined(expr, dtype)
   kinks = switches(expr)
   form = None
-  if not ctx and root.mean1 is None and root.mean2 is None:
+  if not ctx and centered:
     form = _closed_form(expr, kinks, dtype)
+
   if form is not None and one_batch and not full and whole_batch(same_batch):
     # x2=None in the diagonal layout: a point's variance is its pair with itself, the
     # diagonal of the NNGP array. Read there, the separate variance chain feeds nothing
     # but the returned variances, and XLA drops it when those are not returned (four of a
     # conv layer's seven fused kernels: compile time).
     v1 = v2 = pair_diagonal(root.nngp)
+  else:
+    v1 = diag_of(root.var1, d, full)
+    v2 = v1 if one_batch else diag_of(root.var2, d, full)
+    if not centered:
+      v1 = v1 - m1 * m1
+      v2 = v1 if one_batch else v2 - m2 * m2
 
   def moments(arr, ctx_a, ctx_b, va, vb, ma, mb, pair):
     """Returns E[phi(u) phi(v)] and E[phi'(u) phi'(v)] for one moment array."""
